@@ -1,0 +1,108 @@
+"""Client-side defenses over the outgoing update, registered by name.
+
+A defense is a small pydantic model (its fields are its parameters, so a config validates by constructing it) with
+one method, :meth:`Defense.apply`, over the parameter update (new minus old weights) and the extras the client
+shares. Defenses see only trainable parameters: BatchNorm running statistics travel as computed (as in plain FedAvg).
+Randomness comes from a generator seeded per (run seed, round, client), never from global state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFENSES: dict[str, type["Defense"]] = {}
+
+
+@dataclass
+class DefenseContext:
+    """What a defense may use besides the update: a seeded generator and the client's side information."""
+
+    generator: torch.Generator
+    bn_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    shared: dict[str, object] = field(default_factory=dict)  # extras the client will send, filled by defenses
+
+
+class Defense(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            DEFENSES[cls.name] = cls
+
+    def apply(self, update: dict[str, torch.Tensor], ctx: DefenseContext) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def tag(self) -> str:
+        params = ",".join(f"{k}={v}" for k, v in self.model_dump().items() if v is not None)
+        return f"{self.name}({params})" if params else self.name
+
+
+def global_norm(update: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.sqrt(sum(v.double().pow(2).sum() for v in update.values()))
+
+
+class GaussianNoise(Defense):
+    """Clip the whole update to L2 norm ``clip`` (if set), then add N(0, std^2) to every coordinate.
+
+    This is the local mechanism of DP-SGD-style clients; the privacy accounting is separate (see Opacus)."""
+
+    name: ClassVar[str] = "gaussian_noise"
+    std: float = Field(ge=0.0)
+    clip: float | None = Field(default=None, gt=0.0)
+
+    def apply(self, update, ctx):
+        if self.clip is not None:
+            scale = min(1.0, self.clip / max(global_norm(update).item(), 1e-12))
+            update = {k: v * scale for k, v in update.items()}
+        return {k: v + self.std * torch.randn(v.shape, generator=ctx.generator, dtype=v.dtype) for k, v in update.items()}
+
+
+class TopK(Defense):
+    """Keep the ``fraction`` largest-magnitude entries of each layer (at least one), zero the rest."""
+
+    name: ClassVar[str] = "topk"
+    fraction: float = Field(gt=0.0, le=1.0)
+
+    def apply(self, update, ctx):
+        out = {}
+        for key, value in update.items():
+            flat = value.flatten()
+            k = max(1, int(math.floor(self.fraction * flat.numel() + 0.5)))
+            keep = torch.zeros_like(flat)
+            idx = flat.abs().topk(k).indices
+            keep[idx] = flat[idx]
+            out[key] = keep.view_as(value)
+        return out
+
+
+class ShareBNStats(Defense):
+    """Not a protection but a sharing setting: the client also sends each BatchNorm layer's batch mean/variance
+    from its first local step (the side information GradInversion's fidelity term uses)."""
+
+    name: ClassVar[str] = "share_bn_stats"
+
+    def apply(self, update, ctx):
+        ctx.shared["bn_stats"] = {k: (m.clone(), v.clone()) for k, (m, v) in ctx.bn_stats.items()}
+        return update
+
+
+def build_defense(spec: dict) -> Defense:
+    """Construct a defense from ``{"name": ..., **params}``; raises ValueError naming the bad key."""
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if name not in DEFENSES:
+        raise ValueError(f"unknown defense {name!r}; choose one of {sorted(DEFENSES)}")
+    return DEFENSES[name](**spec)
+
+
+def apply_pipeline(defenses: list[Defense], update: dict[str, torch.Tensor], ctx: DefenseContext) -> dict[str, torch.Tensor]:
+    for defense in defenses:
+        update = defense.apply(update, ctx)
+    return update

@@ -1,0 +1,169 @@
+"""Victim models of the gradient-inversion literature, built by name from a registry."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+ModelFactory = Callable[..., nn.Module]
+MODELS: dict[str, ModelFactory] = {}
+
+
+def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    def wrap(factory: ModelFactory) -> ModelFactory:
+        MODELS[name] = factory
+        return factory
+
+    return wrap
+
+
+class LeNetZhu(nn.Module):
+    """The sigmoid LeNet of DLG (Zhu et al. 2019): three 5x5 convolutions with 12 channels and one linear layer.
+
+    Weights and biases start uniform in [-0.5, 0.5] as in the DLG code; with this init the untrained network
+    is the one the DLG/IG tables are measured on.
+    """
+
+    def __init__(self, num_classes: int = 10, channels: int = 3, image_size: int = 32) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, 12, kernel_size=5, padding=2, stride=2),
+            nn.Sigmoid(),
+            nn.Conv2d(12, 12, kernel_size=5, padding=2, stride=2),
+            nn.Sigmoid(),
+            nn.Conv2d(12, 12, kernel_size=5, padding=2, stride=1),
+            nn.Sigmoid(),
+        )
+        side = (image_size + 3) // 4
+        self.fc = nn.Linear(12 * side * side, num_classes)
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.uniform_(module.weight, -0.5, 0.5)
+                nn.init.uniform_(module.bias, -0.5, 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).flatten(1))
+
+
+def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, kernel_size=3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+class ConvNet(nn.Module):
+    """Geiping et al.'s ConvNet: eight conv-BN-ReLU blocks (widths w,2w,2w,4w,4w,4w | 4w,4w), two 3x3 max-pools.
+
+    This is the layer sequence the reference code actually builds (its module dict repeats one key, so one of the
+    nine listed blocks disappears); at 32x32 input the classifier sees 36*w features.
+    """
+
+    def __init__(self, num_classes: int = 10, channels: int = 3, width: int = 64, image_size: int = 32) -> None:
+        super().__init__()
+        w = width
+        layers: list[nn.Module] = []
+        for cin, cout in [(channels, w), (w, 2 * w), (2 * w, 2 * w), (2 * w, 4 * w), (4 * w, 4 * w), (4 * w, 4 * w)]:
+            layers += _conv_bn_relu(cin, cout)
+        layers.append(nn.MaxPool2d(3))
+        layers += _conv_bn_relu(4 * w, 4 * w) + _conv_bn_relu(4 * w, 4 * w)
+        layers.append(nn.MaxPool2d(3))
+        self.features = nn.Sequential(*layers)
+        side = image_size // 3 // 3
+        self.fc = nn.Linear(4 * w * side * side, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).flatten(1))
+
+
+class CifarResNet(nn.Module):
+    """ResNet with the CIFAR stem (3x3 conv, stride 1, no max-pool), BasicBlocks, global average pooling."""
+
+    def __init__(self, blocks: list[int], base_width: int, num_classes: int = 10, channels: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            OrderedDict(
+                conv=nn.Conv2d(channels, base_width, kernel_size=3, padding=1, bias=False),
+                bn=nn.BatchNorm2d(base_width),
+                relu=nn.ReLU(),
+            )
+        )
+        stages: list[nn.Module] = []
+        cin = base_width
+        for i, count in enumerate(blocks):
+            cout = base_width * 2**i
+            stride = 1 if i == 0 else 2
+            stage = []
+            for j in range(count):
+                downsample = None
+                if j == 0 and (stride != 1 or cin != cout):
+                    downsample = nn.Sequential(
+                        nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+                    )
+                stage.append(BasicBlock(cin, cout, stride=stride if j == 0 else 1, downsample=downsample))
+                cin = cout
+            stages.append(nn.Sequential(*stage))
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        # torchvision's BasicBlock uses in-place ReLU, which torch.func cannot differentiate twice through.
+        for module in self.modules():
+            if isinstance(module, nn.ReLU):
+                module.inplace = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.stages(self.stem(x))).flatten(1))
+
+
+@register_model("lenet_zhu")
+def lenet_zhu(num_classes: int, channels: int = 3, image_size: int = 32, **_: object) -> nn.Module:
+    return LeNetZhu(num_classes=num_classes, channels=channels, image_size=image_size)
+
+
+@register_model("convnet")
+def convnet(num_classes: int, channels: int = 3, image_size: int = 32, width: int = 64, **_: object) -> nn.Module:
+    return ConvNet(num_classes=num_classes, channels=channels, width=width, image_size=image_size)
+
+
+@register_model("resnet18")
+def resnet18(num_classes: int, channels: int = 3, width: int = 64, **_: object) -> nn.Module:
+    return CifarResNet([2, 2, 2, 2], base_width=width, num_classes=num_classes, channels=channels)
+
+
+@register_model("resnet20_4")
+def resnet20_4(num_classes: int, channels: int = 3, **_: object) -> nn.Module:
+    return CifarResNet([3, 3, 3], base_width=16 * 4, num_classes=num_classes, channels=channels)
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    *,
+    image_size: int = 32,
+    width: int = 64,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+) -> nn.Module:
+    """Build a registered victim with seeded init, optionally loading a checkpoint (tensors only)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MODELS[name](num_classes=num_classes, image_size=image_size, width=width)
+    if checkpoint:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"model checkpoint not found: {path}")
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        state = payload.get("state_dict", payload) if isinstance(payload, dict) else payload
+        model.load_state_dict(state)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
