@@ -1,0 +1,87 @@
+"""The evaluator: the only place where reconstructions meet ground truth.
+
+It receives audit records (sample ids) from the server side and reconstructions from the attacker side, fetches the
+true images by id, scores them, appends one row per (round, client, attack) and redraws the round's grid.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .metrics import score
+from .records import AuditRecord, LeakageRecord, ObservedUpdate, Reconstruction
+
+GroundTruth = Callable[[list[int]], tuple[torch.Tensor, np.ndarray | None]]
+
+
+class LeakageEvaluator:
+    def __init__(self, ground_truth: GroundTruth, sink: Callable[[LeakageRecord], None],
+                 grid_dir: Path | None = None, on_row: Callable[[LeakageRecord], None] | None = None) -> None:
+        self.ground_truth = ground_truth
+        self.sink = sink
+        self.grid_dir = grid_dir
+        self.on_row = on_row
+        self._audits: dict[tuple[int, int], AuditRecord] = {}
+        self._grid_rows: dict[int, dict] = defaultdict(dict)
+        self._lock = threading.Lock()
+
+    def register_audit(self, audit: AuditRecord) -> None:
+        with self._lock:
+            self._audits[(audit.round, audit.client_id)] = audit
+
+    def register_sum(self, server_round: int, audits: list[AuditRecord]) -> None:
+        """Under secure aggregation the attacked unit is the round's sum: its truth is every sampled client's data."""
+        ids = tuple(i for a in sorted(audits, key=lambda a: a.client_id) for i in a.sample_ids)
+        self.register_audit(AuditRecord(round=server_round, client_id=-1, sample_ids=ids))
+
+    def record(self, observed: ObservedUpdate, attack: str, outcome: Reconstruction | BaseException) -> LeakageRecord:
+        row = LeakageRecord(round=observed.round, client_id=observed.client_id, attack=attack,
+                            defenses=";".join(observed.defenses), batch_size=observed.num_examples)
+        try:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            with self._lock:
+                audit = self._audits[(observed.round, observed.client_id)]
+            gt_images, gt_labels = self.ground_truth(list(audit.sample_ids))
+            rec_images = torch.from_numpy(np.asarray(outcome.images))
+            scores = score(rec_images, gt_images, outcome.labels, gt_labels)
+            for key, value in scores.summary().items():
+                setattr(row, key, value)
+            row.label_method = outcome.label_method
+            row.matching_loss = outcome.loss
+            row.attack_seconds = outcome.seconds
+            row.iterations = outcome.iterations
+            row.restarts = outcome.restarts
+            self._update_grid(observed, attack, gt_images, rec_images[torch.from_numpy(scores.order)])
+        except Exception as err:  # noqa: BLE001 - any failure becomes an error row; the run goes on
+            row.status = "error"
+            row.error = f"{type(err).__name__}: {err}"[:500]
+        self.sink(row)
+        if self.on_row:
+            self.on_row(row)
+        return row
+
+    def _update_grid(self, observed: ObservedUpdate, attack: str, gt: torch.Tensor, rec: torch.Tensor) -> None:
+        if self.grid_dir is None:
+            return
+        from fedsim.results import save_grid
+
+        with self._lock:
+            cells = self._grid_rows[observed.round]
+            cells.setdefault(observed.client_id, {"gt": gt})[attack] = rec
+            snapshot = {c: dict(v) for c, v in sorted(cells.items())}
+        attacks = sorted({a for v in snapshot.values() for a in v if a != "gt"})
+        originals = torch.cat([v["gt"] for v in snapshot.values()])
+        rows = [torch.cat([v.get(a, torch.ones_like(v["gt"])) for v in snapshot.values()]) for a in attacks]
+        save_grid(self.grid_dir / f"round_{observed.round:03d}.png", originals, rows)
+
+
+def row_dict(row: LeakageRecord) -> dict:
+    return asdict(row)

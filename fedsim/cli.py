@@ -1,0 +1,220 @@
+"""The ``fedsim`` command: run a federation, attack one update, train a victim.
+
+Bad input (config keys, values, missing data) ends with one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Measure how much private data leaks from federated learning.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _user_errors():
+    from attacker.records import ThreatModel  # noqa: F401 - import check
+    from pydantic import ValidationError
+
+    from .config import ConfigError
+    from .data import DataError
+
+    return (ConfigError, DataError, ValidationError, ValueError, FileNotFoundError)
+
+
+def _one_line(err: BaseException) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(err, ValidationError):
+        e = err.errors()[0]
+        key = ".".join(str(p) for p in e["loc"])
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        return f"{err.title}: {key}: {msg}"
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def leakage_table(frame, title: str) -> Table:
+    table = Table(title=title)
+    cols = ["round", "client_id", "attack", "batch_size", "psnr_mean", "psnr_best", "ssim_mean", "lpips_mean",
+            "label_accuracy", "attack_seconds", "status"]
+    for col in cols:
+        table.add_column(col, justify="right" if col not in ("attack", "status") else "left")
+    for _, row in frame.iterrows():
+        cells = []
+        for col in cols:
+            v = row.get(col, "")
+            cells.append(f"{v:.3f}" if isinstance(v, float) else str(v))
+        table.add_row(*cells)
+    return table
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="Experiment TOML file."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set federation.rounds=5 (repeatable)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join an existing Ray cluster."),
+    resume: bool = typer.Option(False, "--resume", help="Keep rows of an earlier run in the same directory."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Run a federated simulation with an honest-but-curious server and report leakage per round and client."""
+    from .config import load_config
+
+    try:
+        cfg = load_config(config, set_)
+        from .federation import prepare
+
+        prepare(cfg)  # resolve data and partitions now: bad input fails before Ray starts
+    except _user_errors() as err:
+        fail(_one_line(err))
+    from .federation import run_experiment
+
+    store = run_experiment(cfg, ray_address=ray_address, resume=resume, show_progress=not quiet)
+    rounds = store.rounds.frame()
+    if len(rounds):
+        console.print(rounds[["round", "test_accuracy", "test_loss", "model_checksum"]].to_string(index=False))
+    leak = store.leakage.frame()
+    if len(leak):
+        console.print(leakage_table(leak, f"leakage: {cfg.name}"))
+        summary = leak[leak.status == "ok"].groupby(["round", "attack"])[["psnr_mean", "ssim_mean", "label_accuracy"]].mean()
+        console.print(summary.to_string())
+    console.print(f"results in {store.root}")
+
+
+def _parse_defense(text: str) -> dict:
+    from .config import parse_value
+
+    name, _, params = text.partition(":")
+    spec: dict = {"name": name.strip()}
+    for item in filter(None, (p.strip() for p in params.split(","))):
+        if "=" not in item:
+            raise ValueError(f"--defense {text!r}: expected NAME:key=value,...")
+        k, v = item.split("=", 1)
+        spec[k.strip()] = parse_value(v.strip())
+    return spec
+
+
+@app.command()
+def attack(
+    model: str = typer.Option("lenet_zhu", "--model", help="Victim architecture."),
+    dataset: str = typer.Option("cifar10", "--dataset", help="cifar10, cifar100, or a path (.npz or image folder)."),
+    split: str = typer.Option("test", "--split", help="Split of a named data set."),
+    indices: str = typer.Option("0-9", "--indices", help="Images to attack, e.g. 0-9 or 1,4,7."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Images per client update (consecutive)."),
+    attack_name: str = typer.Option("inverting_gradients", "--attack", help="Attack name."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", min=1),
+    tv: Optional[float] = typer.Option(None, "--tv", min=0.0, help="Total-variation weight."),
+    restarts: Optional[int] = typer.Option(None, "--restarts", min=1),
+    attack_lr: Optional[float] = typer.Option(None, "--attack-lr", help="Attack optimiser step size."),
+    param: list[str] = typer.Option([], "--param", help="Other attack parameter key=value (repeatable)."),
+    trained: Optional[Path] = typer.Option(None, "--trained", help="Victim checkpoint (from train-victim)."),
+    width: int = typer.Option(64, "--width", help="convnet/resnet18 width."),
+    defense: list[str] = typer.Option([], "--defense", help="NAME:k=v,... applied by the client (repeatable)."),
+    mode: str = typer.Option("fedsgd", "--mode", help="fedsgd or fedavg."),
+    lr: float = typer.Option(0.1, "--lr", help="Client learning rate."),
+    epochs: int = typer.Option(1, "--epochs", min=1, help="FedAvg local epochs."),
+    local_batch_size: Optional[int] = typer.Option(None, "--local-batch-size", help="FedAvg mini-batch size."),
+    labels: str = typer.Option("recovered", "--labels", help="known or recovered."),
+    label_method: str = typer.Option("auto", "--label-method"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("cpu", "--device"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)."),
+    output: Path = typer.Option(Path("runs/attack"), "--output", help="Directory for leakage.parquet and grids."),
+) -> None:
+    """Attack single client updates without a federation (the fast path for research and paper checks)."""
+    import torch
+
+    from attacker.attacks import build_attack
+    from attacker.records import ThreatModel
+
+    from .config import ClientConfig, parse_value
+    from .data import load_dataset
+    from .single import SingleUpdateJob, parse_indices, run_single
+
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        spec: dict = {"name": attack_name}
+        for key, value in (("iterations", iterations), ("tv", tv), ("restarts", restarts), ("lr", attack_lr)):
+            if value is not None:
+                spec[key] = value
+        for item in param:
+            k, _, v = item.partition("=")
+            spec[k.strip()] = parse_value(v.strip())
+        attack_obj = build_attack(spec)
+        client = ClientConfig(mode=mode, lr=lr, epochs=epochs, batch_size=local_batch_size or batch_size,
+                              num_samples=batch_size if mode == "fedavg" else None)
+        threat = ThreatModel(labels=labels, label_method=label_method,
+                             bn_stats_shared=any(d.startswith("share_bn_stats") for d in defense))
+        from .defenses import build_defense
+
+        defenses = [build_defense(_parse_defense(d)) for d in defense]
+        data = load_dataset(dataset, split)
+        job = SingleUpdateJob(data=data, model_name=model, indices=parse_indices(indices), batch_size=batch_size,
+                              attack=attack_obj, train=client.train_config(), defenses=defenses, threat=threat,
+                              width=width, checkpoint=str(trained) if trained else None, seed=seed, device=device)
+        if labels not in ("known", "recovered"):
+            raise ValueError(f"--labels must be known or recovered, not {labels!r}")
+        rows = run_single(job, output)
+    except _user_errors() as err:
+        fail(_one_line(err))
+    import pandas as pd
+
+    frame = pd.DataFrame([r.__dict__ for r in rows])
+    console.print(leakage_table(frame, f"{attack_name} on {model} ({data.name} {indices}, batch {batch_size})"))
+    ok = frame[frame.status == "ok"]
+    if len(ok):
+        console.print(f"PSNR {ok.psnr_mean.mean():.2f} +- {ok.psnr_mean.std(ddof=0):.2f} dB over {len(ok)} updates; "
+                      f"SSIM {ok.ssim_mean.mean():.3f}; label accuracy {ok.label_accuracy.mean():.3f}; "
+                      f"{ok.attack_seconds.mean():.1f} s per update")
+    console.print(f"results in {output}")
+
+
+@app.command("train-victim")
+def train_victim(
+    model: str = typer.Option("lenet_zhu", "--model"),
+    dataset: str = typer.Option("cifar10", "--dataset"),
+    epochs: int = typer.Option(10, "--epochs", min=1),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    lr: float = typer.Option(0.01, "--lr"),
+    width: int = typer.Option(64, "--width"),
+    seed: int = typer.Option(0, "--seed"),
+    output: Path = typer.Option(..., "--output", help="Where to save the state dict (.pt)."),
+) -> None:
+    """Train a victim centrally (SGD with momentum, flips and crops) and save it for --trained / model.checkpoint."""
+    from .data import load_dataset
+    from .victims import train_centrally
+
+    try:
+        train = load_dataset(dataset, "train")
+        try:
+            test = load_dataset(dataset, "test")
+        except Exception:  # noqa: BLE001 - a source without a test split is fine
+            test = None
+        result = train_centrally(model, train, test, epochs=epochs, batch_size=batch_size, lr=lr, width=width,
+                                 seed=seed, output=output, log=console.print)
+    except _user_errors() as err:
+        fail(_one_line(err))
+    console.print(f"saved {output} (train accuracy {result['train_accuracy']:.3f}, "
+                  f"test accuracy {result['test_accuracy']:.3f})")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

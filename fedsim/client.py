@@ -1,0 +1,73 @@
+"""One client's round, independent of Flower: pick samples, train locally, defend the update, build the reply.
+
+The Flower ClientApp and the single-update mode (``fedsim attack``) both call :func:`client_round`, so the
+federation and the fast research path produce the same updates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from attacker.records import AuditRecord, ThreatModel
+
+from .data import ImageData
+from .defenses import Defense, DefenseContext, apply_pipeline
+from .training import TrainConfig, float_state, local_train, step_schedule
+
+
+def round_seed(seed: int, server_round: int, client_id: int, stream: int) -> int:
+    """A seed for one (run, round, client, purpose) that does not depend on scheduling."""
+    return int(np.random.SeedSequence([seed, server_round, client_id, stream]).generate_state(1)[0])
+
+
+@dataclass
+class ClientReply:
+    state: dict[str, torch.Tensor]  # global state + defended update (parameters) and new BN buffers
+    num_examples: int
+    train_loss: float
+    shared: dict = field(default_factory=dict)
+    audit: AuditRecord | None = None
+
+
+def choose_samples(partition: np.ndarray, num_samples: int, seed: int, server_round: int, client_id: int) -> np.ndarray:
+    """The round's local samples: a fresh seeded draw from the client's partition (without replacement)."""
+    if num_samples > len(partition):
+        raise ValueError(f"client {client_id} has {len(partition)} samples, fewer than client.num_samples={num_samples}")
+    rng = np.random.default_rng(round_seed(seed, server_round, client_id, 0))
+    return np.sort(rng.choice(partition, size=num_samples, replace=False))
+
+
+def client_round(model: nn.Module, global_state: dict[str, torch.Tensor], data: ImageData, sample_ids: np.ndarray,
+                 cfg: TrainConfig, defenses: list[Defense], threat: ThreatModel, *, seed: int, server_round: int,
+                 client_id: int) -> ClientReply:
+    model.load_state_dict(global_state, strict=False)
+    inputs, labels = data.model_input(sample_ids), data.label_tensor(sample_ids)
+    schedule = step_schedule(cfg, np.random.default_rng(round_seed(seed, server_round, client_id, 1)))
+    with torch.random.fork_rng(devices=[]):
+        result = local_train(model, inputs, labels, cfg, schedule)
+    param_names = {name for name, _ in model.named_parameters()}
+    update = {k: result.state[k] - global_state[k] for k in param_names}
+    ctx = DefenseContext(generator=torch.Generator().manual_seed(round_seed(seed, server_round, client_id, 2)),
+                         bn_stats=result.bn_stats)
+    defended = apply_pipeline(defenses, update, ctx)
+    state = {k: (global_state[k] + defended[k]) if k in defended else v
+             for k, v in result.state.items() if k in global_state}
+    shared = dict(ctx.shared)
+    if threat.labels == "known":
+        shared["labels"] = sorted(int(v) for v in labels.tolist())  # a multiset: the order would leak the sample order
+    audit = AuditRecord(round=server_round, client_id=client_id, sample_ids=tuple(int(i) for i in sample_ids),
+                        step_ids=tuple(int(sample_ids[p]) for step in schedule for p in step))
+    return ClientReply(state=state, num_examples=len(sample_ids), train_loss=result.loss, shared=shared, audit=audit)
+
+
+def observed_delta(global_state: dict[str, np.ndarray], reply_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What the server computes from a reply: the sent weights minus the public ones."""
+    return {k: np.asarray(reply_state[k], dtype=np.float32) - np.asarray(global_state[k], dtype=np.float32)
+            for k in global_state}
+
+
+__all__ = ["ClientReply", "choose_samples", "client_round", "observed_delta", "round_seed", "float_state"]

@@ -1,0 +1,249 @@
+"""Experiment configuration: one TOML file, validated in full before anything starts.
+
+Unknown keys and bad values raise :class:`ConfigError` with one line naming the key (the CLI exits with code 2).
+``--set a.b=value`` overrides any key; values parse as TOML literals (``0.1``, ``true``, ``"x"``, ``[1, 2]``),
+falling back to plain strings; ``attacks.0.iterations=100`` indexes into lists.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from attacker.attacks import build_attack
+from attacker.records import ThreatModel
+
+from .defenses import build_defense
+from .models import MODELS
+from .training import TrainConfig
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message is one line that names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    dataset: str = "cifar10"  # cifar10 | cifar100 | imagefolder | npz | a path to an .npz or a folder
+    path: str | None = None  # explicit location (tried before FEDSIM_DATA_DIR and download)
+    test_path: str | None = None  # held-out split for npz/imagefolder sources (else test_fraction of the data)
+    test_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    image_size: int = Field(default=32, ge=8)  # resize for image folders
+    partition: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = Field(default=0.5, gt=0.0)  # Dirichlet concentration (smaller: more label skew)
+    test_samples: int = Field(default=500, ge=0)  # held-out images for the global accuracy (0: all)
+
+
+class FederationConfig(Section):
+    num_clients: int = Field(default=8, ge=1)
+    clients_per_round: int = Field(default=4, ge=1)
+    rounds: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _fits(self):
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(f"clients_per_round ({self.clients_per_round}) exceeds num_clients ({self.num_clients})")
+        return self
+
+
+class ModelConfig(Section):
+    name: str = "lenet_zhu"
+    width: int = Field(default=64, ge=1)  # convnet / resnet18 base width
+    checkpoint: str | None = None  # a state dict saved by `fedsim train-victim` (loaded with weights_only=True)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in MODELS:
+            raise ValueError(f"unknown model {v!r}; choose one of {sorted(MODELS)}")
+        return v
+
+
+class ClientConfig(Section):
+    mode: Literal["fedsgd", "fedavg"] = "fedsgd"
+    lr: float = Field(default=0.1, gt=0.0)
+    epochs: int = Field(default=1, ge=1)  # FedAvg local epochs
+    batch_size: int = Field(default=1, ge=1)  # FedSGD: the one batch; FedAvg: local mini-batch size
+    num_samples: int | None = Field(default=None, ge=1)  # local samples per round (FedSGD: batch_size)
+    shuffle: bool = False  # FedAvg: reshuffle local samples every epoch
+
+    def train_config(self) -> TrainConfig:
+        n = self.num_samples or self.batch_size
+        if self.mode == "fedsgd":
+            return TrainConfig(mode="fedsgd", lr=self.lr, epochs=1, batch_size=n, num_samples=n)
+        return TrainConfig(mode="fedavg", lr=self.lr, epochs=self.epochs, batch_size=self.batch_size,
+                           num_samples=n, shuffle=self.shuffle)
+
+
+class ThreatConfig(Section):
+    labels: Literal["known", "recovered"] = "recovered"
+    label_method: str = "auto"
+    bn_stats_shared: bool | None = None  # derived from the defense pipeline (share_bn_stats) when unset
+    hyperparameters_known: bool = True
+    secure_aggregation: bool = False
+
+    @field_validator("label_method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        from attacker.labels import LABEL_METHODS
+
+        if v not in LABEL_METHODS:
+            raise ValueError(f"unknown label method {v!r}; choose one of {sorted(LABEL_METHODS)}")
+        return v
+
+
+class AttackSettings(Section):
+    clients_per_round: int = Field(default=2, ge=0)  # how many of the sampled clients are attacked each round
+    executor: Literal["ray", "inline"] = "ray"  # ray: actors, FL loop does not wait; inline: in the server thread
+    workers: int = Field(default=2, ge=1)
+    threads: int = Field(default=1, ge=1)  # torch threads per attack worker
+
+
+class RayConfig(Section):
+    address: str | None = None  # join an existing cluster (e.g. "auto" or "ray://host:10001")
+    num_cpus: int | None = Field(default=None, ge=1)  # local cluster size (default: all cores)
+    client_cpus: float = Field(default=1.0, gt=0.0)
+    client_gpus: float = Field(default=0.0, ge=0.0)
+    object_store_memory_mb: int = Field(default=512, ge=78)
+
+
+class ExperimentConfig(Section):
+    name: str = "experiment"
+    output_dir: str = "runs"
+    seed: int = 0
+    device: str = "cpu"
+    data: DataConfig = Field(default_factory=DataConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    client: ClientConfig = Field(default_factory=ClientConfig)
+    defenses: list[dict[str, Any]] = Field(default_factory=list)  # [{name = "topk", fraction = 0.1}, ...]
+    threat: ThreatConfig = Field(default_factory=ThreatConfig)
+    attack: AttackSettings = Field(default_factory=AttackSettings)
+    attacks: list[dict[str, Any]] = Field(default_factory=list)  # [{name = "inverting_gradients", ...}, ...]
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("defenses")
+    @classmethod
+    def _defenses(cls, specs):
+        for i, spec in enumerate(specs):
+            _construct(build_defense, spec, f"defenses.{i}")
+        return specs
+
+    @field_validator("attacks")
+    @classmethod
+    def _attacks(cls, specs):
+        for i, spec in enumerate(specs):
+            _construct(build_attack, spec, f"attacks.{i}")
+        return specs
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        shares_bn = any(d.get("name") == "share_bn_stats" for d in self.defenses)
+        if self.threat.bn_stats_shared is not None and self.threat.bn_stats_shared != shares_bn:
+            raise ValueError(f"threat.bn_stats_shared={self.threat.bn_stats_shared} but the defense pipeline "
+                             f"{'does' if shares_bn else 'does not'} contain share_bn_stats")
+        if self.attack.clients_per_round > self.federation.clients_per_round:
+            raise ValueError(f"attack.clients_per_round ({self.attack.clients_per_round}) exceeds "
+                             f"federation.clients_per_round ({self.federation.clients_per_round})")
+        cfg = self.client
+        if cfg.mode == "fedsgd" and cfg.num_samples not in (None, cfg.batch_size):
+            raise ValueError("client.num_samples must equal client.batch_size in fedsgd mode")
+        return self
+
+    # Derived views -------------------------------------------------------------------------------------------
+    def threat_model(self) -> ThreatModel:
+        shares_bn = any(d.get("name") == "share_bn_stats" for d in self.defenses)
+        t = self.threat
+        return ThreatModel(labels=t.labels, label_method=t.label_method, bn_stats_shared=shares_bn,
+                           hyperparameters_known=t.hyperparameters_known, secure_aggregation=t.secure_aggregation)
+
+    def build_defenses(self):
+        return [build_defense(spec) for spec in self.defenses]
+
+    def build_attacks(self):
+        return [build_attack(spec) for spec in self.attacks]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def _construct(factory, spec, where: str):
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where} must be a table with a name")
+    try:
+        factory(spec)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        raise ValueError(f"{where}.{key}: {msg}") from None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(msg if msg.startswith(f"{key}.") else f"{key}: {msg}")
+    return "invalid config: " + "; ".join(parts)
+
+
+def parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: no list item {part!r}")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, [] if nxt.isdigit() else {})
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"--set {key}: no list item {last!r}")
+        node[int(last)] = parse_value(value.strip())
+    else:
+        node[last] = parse_value(value.strip())
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{p}: not valid TOML: {err}") from None
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None

@@ -1,0 +1,367 @@
+"""The simulated federation: Flower ClientApp and ServerApp (Message API) and the driver around ``run_simulation``.
+
+The ServerApp runs as a thread of the driver process, so the results store, the evaluator and the attacker pool
+pass to it by closure. Client actors are separate processes: each loads its data once and caches it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from attacker.evaluator import LeakageEvaluator
+from attacker.pool import AttackerPool
+from attacker.records import LeakageRecord, ModelSpec
+from strategies.honest_but_curious import HonestButCurious, UpdateTee
+from strategies.protocol import ARRAYS, AUDIT, CONFIG, METRICS, SHARED, encode_audit, encode_shared
+from strategies.reproducible import ReproducibleSampling
+
+from .client import choose_samples, client_round
+from .config import ExperimentConfig
+from .data import ImageData, load_dataset, partition_indices
+from .models import build_model
+from .results import RunDirectory
+from .training import TrainConfig, evaluate_accuracy, float_state
+
+log = logging.getLogger("fedsim")
+QUERY_PARTITION = "partition"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Data: the same sources in the driver and in every client process
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """Where training and held-out images come from; picklable, so client actors can rebuild the same data."""
+
+    dataset: str
+    path: str | None
+    test_path: str | None
+    image_size: int
+    test_fraction: float
+    seed: int
+    data_dir: str | None  # FEDSIM_DATA_DIR as seen by the driver
+
+    def train_source(self) -> ImageData:
+        return _load(self.dataset, "train", self.path, self.image_size, self.data_dir)
+
+    def test_source(self) -> ImageData | None:
+        """A separate held-out split if the source has one, else None (then a fraction is split off)."""
+        if self.test_path:
+            return _load(self.test_path, "test", None, self.image_size, self.data_dir)
+        if self.dataset in ("cifar10", "cifar100"):
+            return _load(self.dataset, "test", self.path, self.image_size, self.data_dir)
+        return None
+
+    def split(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(train, held-out) indices when one source serves both."""
+        perm = np.random.default_rng([self.seed, 3]).permutation(n)
+        cut = int(round(n * self.test_fraction))
+        return np.sort(perm[cut:]), np.sort(perm[:cut])
+
+
+@lru_cache(maxsize=4)
+def _load(dataset: str, split: str, path: str | None, image_size: int, data_dir: str | None) -> ImageData:
+    if data_dir and not os.environ.get("FEDSIM_DATA_DIR"):
+        os.environ["FEDSIM_DATA_DIR"] = data_dir
+    return load_dataset(dataset, split, path=path, image_size=image_size)
+
+
+@dataclass
+class Federation:
+    """Everything resolved before Flower starts."""
+
+    cfg: ExperimentConfig
+    plan: DataPlan
+    train: ImageData
+    partitions: list[np.ndarray]  # indices into ``train`` per partition id
+    test_inputs: torch.Tensor
+    test_labels: torch.Tensor
+    spec: ModelSpec
+
+
+def prepare(cfg: ExperimentConfig) -> Federation:
+    d = cfg.data
+    plan = DataPlan(d.dataset, d.path, d.test_path, d.image_size, d.test_fraction, cfg.seed,
+                    os.environ.get("FEDSIM_DATA_DIR"))
+    train = plan.train_source()
+    if train.labels is None:
+        raise ValueError(f"data.dataset: {train.name} has no labels; victims are classifiers")
+    test = plan.test_source()
+    if test is None:
+        train_idx, test_idx = plan.split(len(train))
+        test, pool = train.subset(test_idx), train_idx
+    else:
+        pool = np.arange(len(train))
+    parts = partition_indices(train.labels[pool], cfg.federation.num_clients, d.partition, alpha=d.alpha,
+                              seed=cfg.seed, min_partition_size=cfg.client.train_config().num_samples)
+    partitions = [pool[p] for p in parts]
+    need = cfg.client.train_config().num_samples
+    small = [i for i, p in enumerate(partitions) if len(p) < need]
+    if small:
+        raise ValueError(f"client.num_samples={need} exceeds the partition size of clients {small[:5]}")
+    n_test = len(test) if d.test_samples == 0 else min(d.test_samples, len(test))
+    idx = np.arange(n_test)
+    spec = ModelSpec(cfg.model.name, train.num_classes, train.shape, cfg.model.width)
+    return Federation(cfg, plan, train, partitions, test.model_input(idx), test.label_tensor(idx), spec)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# ClientApp
+
+
+@lru_cache(maxsize=2)
+def _client_process_state(cfg_json: str, plan: DataPlan) -> tuple[ImageData, "torch.nn.Module", int]:
+    """Per actor process: the training source and a model instance, built once and reused across rounds."""
+    cfg = ExperimentConfig.model_validate_json(cfg_json)
+    torch.set_num_threads(max(1, int(cfg.ray.client_cpus)))  # one actor per CPU: avoid oversubscription
+    data = plan.train_source()
+    model = build_model(cfg.model.name, data.num_classes, image_size=data.shape[1], width=cfg.model.width,
+                        seed=cfg.seed)
+    return data, model, 0
+
+
+def make_client_app(cfg: ExperimentConfig, plan: DataPlan, partitions: list[np.ndarray]) -> ClientApp:
+    app = ClientApp()
+    cfg_json = cfg.model_dump_json()
+    threat = cfg.threat_model()
+    defenses = cfg.build_defenses()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        return Message(RecordDict({METRICS: MetricRecord({"partition-id": pid})}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        server_round = int(msg.content[CONFIG]["server-round"])
+        sent = TrainConfig.from_record(dict(msg.content[CONFIG]))
+        data, model, _ = _client_process_state(cfg_json, plan)
+        global_state = {k: torch.from_numpy(v.numpy().copy()) for k, v in msg.content[ARRAYS].items()}
+        ids = choose_samples(partitions[pid], sent.num_samples, cfg.seed, server_round, pid)
+        reply = client_round(model, global_state, data, ids, sent, defenses, threat, seed=cfg.seed,
+                             server_round=server_round, client_id=pid)
+        content = RecordDict({
+            ARRAYS: ArrayRecord({k: reply.state[k].contiguous() for k in global_state}),
+            METRICS: MetricRecord({"num-examples": reply.num_examples, "train-loss": reply.train_loss,
+                                   "partition-id": pid}),
+            SHARED: encode_shared(reply.shared),
+            AUDIT: encode_audit(reply.audit),
+        })
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+# ------------------------------------------------------------------------------------------------------------
+# ServerApp
+
+
+def checksum(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(arrays[key]).tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Session:
+    """Objects the ServerApp thread shares with the driver."""
+
+    fed: Federation
+    store: RunDirectory
+    pool: AttackerPool | None
+    evaluator: LeakageEvaluator | None
+    progress: "Progress | None" = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def _wait_for_nodes(grid: Grid, expected: int, timeout: float = 300.0) -> list[int]:
+    """run_simulation starts the ServerApp before every virtual node is registered: wait for all of them."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < expected:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(nodes)} of {expected} client nodes registered after {timeout} s")
+        time.sleep(0.2)
+    return nodes
+
+
+def _partition_map(grid: Grid, nodes: list[int]) -> dict[int, int]:
+    """Ask every node for its stable partition id (node ids are random per run)."""
+    messages = [Message(RecordDict({CONFIG: ConfigRecord({"ask": QUERY_PARTITION})}), dst_node_id=n,
+                        message_type="query") for n in nodes]
+    replies = grid.send_and_receive(messages, timeout=600)
+    mapping = {}
+    for reply in replies:
+        if reply.has_error():
+            raise RuntimeError(f"node {reply.metadata.src_node_id} failed the partition query: {reply.error.reason}")
+        mapping[reply.metadata.src_node_id] = int(reply.content[METRICS]["partition-id"])
+    return mapping
+
+
+def make_server_app(session: Session) -> ServerApp:
+    app = ServerApp()
+    fed, cfg = session.fed, session.fed.cfg
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            _server_main(grid, session)
+        except BaseException as err:  # noqa: BLE001 - surfaced by the driver after Flower returns
+            session.error = err
+            log.error("server failed: %s", err)
+        finally:
+            session.done.set()
+
+    return app
+
+
+def _server_main(grid: Grid, session: Session) -> None:
+    fed, cfg = session.fed, session.fed.cfg
+    nodes = _wait_for_nodes(grid, cfg.federation.num_clients)
+    partition_of = _partition_map(grid, nodes)
+    model = build_model(cfg.model.name, fed.spec.num_classes, image_size=fed.spec.image_shape[1],
+                        width=cfg.model.width, seed=cfg.seed, checkpoint=cfg.model.checkpoint)
+    initial = float_state(model)
+
+    inner = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_evaluate_nodes=0,
+                   min_available_nodes=1)
+    strategy = ReproducibleSampling(inner, partition_of, cfg.federation.clients_per_round, cfg.seed)
+    if session.pool is not None:
+        tee = UpdateTee(fed.spec, (fed.train.mean, fed.train.std), cfg.threat_model(),
+                        tuple(d.tag() for d in cfg.build_defenses()), cfg.attack.clients_per_round, cfg.seed,
+                        submit=session.pool.submit, audit=session.evaluator.register_audit,
+                        audit_sum=session.evaluator.register_sum)
+        strategy = HonestButCurious(strategy, tee)  # outermost: it sees replies exactly as they arrive
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        state = {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
+        model.load_state_dict(state, strict=False)
+        acc, loss = evaluate_accuracy(model, fed.test_inputs, fed.test_labels)
+        digest = checksum({k: v.numpy() for k, v in arrays.items()})
+        session.store.rounds.append({"round": server_round, "test_accuracy": acc, "test_loss": loss,
+                                     "model_checksum": digest, "time": time.time()})
+        if session.progress is not None:
+            session.progress.round_done(server_round)
+        return MetricRecord({"accuracy": acc, "loss": loss})
+
+    train_config = ConfigRecord(cfg.client.train_config().to_record())
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(initial),
+                   num_rounds=cfg.federation.rounds, train_config=train_config, evaluate_fn=evaluate)
+    if session.pool is not None:
+        session.pool.drain()  # Flower shuts Ray down when main returns: collect every attack first
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Driver
+
+
+class Progress:
+    """Rich progress bars for rounds and attacks (no-ops when disabled)."""
+
+    def __init__(self, rounds: int, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._lock = threading.Lock()
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+
+        self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), transient=False)
+        self.rounds = self.bar.add_task("rounds", total=rounds)
+        self.attacks = self.bar.add_task("attacks", total=0)
+
+    def __enter__(self):
+        if self.enabled:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.stop()
+
+    def round_done(self, server_round: int) -> None:
+        if self.enabled and server_round > 0:
+            self.bar.update(self.rounds, completed=server_round)
+
+    def attacks_submitted(self, n: int) -> None:
+        if self.enabled:
+            with self._lock:
+                self.bar.update(self.attacks, total=self.bar.tasks[self.attacks].total + n)
+
+    def attack_done(self, _row: LeakageRecord) -> None:
+        if self.enabled:
+            self.bar.advance(self.attacks)
+
+
+def _ray_settings(cfg: ExperimentConfig, address: str | None) -> dict:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    if address:
+        return {"address": address, "logging_level": "ERROR", "log_to_driver": False}
+    # A private temp dir per run: a stale cluster file in the shared one makes ray.init hang.
+    tmp = tempfile.mkdtemp(prefix="fedsim-ray-")
+    return {"num_cpus": cfg.ray.num_cpus or os.cpu_count(), "num_gpus": 0 if cfg.device == "cpu" else None,
+            "include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False,
+            "object_store_memory": cfg.ray.object_store_memory_mb * 1024 * 1024, "_temp_dir": tmp}
+
+
+def run_experiment(cfg: ExperimentConfig, *, ray_address: str | None = None, resume: bool = False,
+                   show_progress: bool = True) -> RunDirectory:
+    """Run a configured federation with its attacks; returns the run directory (rows are written as they come)."""
+    import ray
+    from flwr.simulation import run_simulation
+
+    fed = prepare(cfg)
+    store = RunDirectory(cfg.run_dir, resume=resume)
+    store.write_config(cfg.model_dump())
+    progress = Progress(cfg.federation.rounds, enabled=show_progress)
+    evaluator = pool = None
+    address = ray_address or cfg.ray.address
+    init_args = _ray_settings(cfg, address)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    if not ray.is_initialized():
+        ray.init(**{k: v for k, v in init_args.items() if v is not None})
+    try:
+        if cfg.attacks and cfg.attack.clients_per_round > 0:
+            train = fed.train
+            evaluator = LeakageEvaluator(lambda ids: (train.unit_tensor(ids), train.labels[ids]), store.leakage.append,
+                                         grid_dir=store.root / "grids", on_row=progress.attack_done)
+            pool = AttackerPool(cfg.attacks, cfg.threat_model(), evaluator.record, executor=cfg.attack.executor,
+                                workers=cfg.attack.workers, threads=cfg.attack.threads, device=cfg.device,
+                                seed=cfg.seed, on_submit=progress.attacks_submitted)
+        session = Session(fed, store, pool, evaluator, progress)
+        backend = {"client_resources": {"num_cpus": cfg.ray.client_cpus, "num_gpus": cfg.ray.client_gpus},
+                   "init_args": {}}
+        with progress:
+            run_simulation(server_app=make_server_app(session),
+                           client_app=make_client_app(cfg, fed.plan, fed.partitions),
+                           num_supernodes=cfg.federation.num_clients, backend_config=backend)
+        if pool is not None:
+            pool.close()
+        if session.error is not None:
+            raise session.error
+        if not session.done.is_set():
+            raise RuntimeError("the server app did not finish")
+    finally:
+        if ray.is_initialized() and not address:
+            ray.shutdown()
+    return store

@@ -1,0 +1,77 @@
+"""The run directory: leakage rows appended as they arrive, per-round utility, grids, the resolved config.
+
+Parquet files are rewritten whole and swapped in atomically (write to a temporary file, then ``os.replace``), so a
+run killed at any moment leaves a readable table with every row finished before the kill.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+
+class ParquetTable:
+    """An append-only table persisted atomically after every append."""
+
+    def __init__(self, path: Path, resume: bool = False) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self.rows: list[dict] = []
+        if resume and self.path.is_file():
+            self.rows = pd.read_parquet(self.path).to_dict("records")
+
+    def append(self, row: dict | object) -> None:
+        record = asdict(row) if is_dataclass(row) else dict(row)
+        with self._lock:
+            self.rows.append(record)
+            frame = pd.DataFrame(self.rows)
+            tmp = self.path.with_suffix(".parquet.tmp")
+            frame.to_parquet(tmp, index=False)
+            os.replace(tmp, self.path)
+
+    def frame(self) -> pd.DataFrame:
+        with self._lock:
+            return pd.DataFrame(self.rows)
+
+
+class RunDirectory:
+    def __init__(self, root: Path, resume: bool = False) -> None:
+        self.root = Path(root)
+        (self.root / "grids").mkdir(parents=True, exist_ok=True)
+        self.leakage = ParquetTable(self.root / "leakage.parquet", resume)
+        self.rounds = ParquetTable(self.root / "rounds.parquet", resume)
+
+    def write_config(self, config: dict) -> None:
+        (self.root / "config.json").write_text(json.dumps(config, indent=2, default=str))
+
+
+def save_grid(path: Path, originals: torch.Tensor | None, rows: list[torch.Tensor], pad: int = 2) -> None:
+    """A PNG with one image per column: ground truth on top (if given), then each row of reconstructions."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    stacks = ([originals] if originals is not None else []) + list(rows)
+    if not stacks:
+        return
+    ncol = max(len(s) for s in stacks)
+    cells = []
+    for s in stacks:
+        s = s.float().clamp(0, 1)
+        if len(s) < ncol:
+            s = torch.cat([s, torch.ones(ncol - len(s), *s.shape[1:])])
+        cells.append(s)
+    grid = make_grid(torch.cat(cells), nrow=ncol, padding=pad, pad_value=1.0)
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    scale = max(1, 96 // stacks[0].shape[-1])  # small images are upscaled so a person can see them
+    image = Image.fromarray(array)
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)

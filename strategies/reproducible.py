@@ -1,0 +1,70 @@
+"""Reproducible client sampling and aggregation order around any Message-API strategy.
+
+Flower samples nodes with the global ``random`` module over node ids that are random per run, and aggregates in
+reply-arrival order (floating-point sums depend on order). This wrapper samples by stable partition id with a
+generator seeded per (seed, round), hands the inner strategy exactly those nodes, and passes replies to it sorted
+by partition id. Aggregation itself is the inner strategy's, untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+
+class _SampledGrid:
+    """A view of the grid that exposes only the nodes sampled for this round."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid = grid
+        self._node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+
+class ReproducibleSampling(Strategy):
+    def __init__(self, inner: Strategy, partition_of: dict[int, int], clients_per_round: int, seed: int) -> None:
+        """``inner`` must train on every node it is shown (e.g. ``FedAvg(fraction_train=1.0, min_train_nodes=1,
+        min_available_nodes=1)``); ``partition_of`` maps node id to partition id."""
+        self.inner = inner
+        self.partition_of = dict(partition_of)
+        self.node_of = {pid: nid for nid, pid in self.partition_of.items()}
+        self.clients_per_round = clients_per_round
+        self.seed = seed
+
+    def sample(self, server_round: int) -> list[int]:
+        """Partition ids sampled in ``server_round`` (sorted)."""
+        rng = np.random.default_rng([self.seed, server_round, 7])
+        pids = sorted(self.node_of)
+        return sorted(int(p) for p in rng.choice(pids, size=self.clients_per_round, replace=False))
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        nodes = [self.node_of[p] for p in self.sample(server_round)]
+        return self.inner.configure_train(server_round, arrays, config, _SampledGrid(grid, nodes))
+
+    def order(self, replies: Iterable[Message]) -> list[Message]:
+        def key(msg: Message) -> tuple[int, int]:
+            return (self.partition_of.get(msg.metadata.src_node_id, 1 << 30), msg.metadata.src_node_id)
+
+        return sorted(replies, key=key)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.inner.aggregate_train(server_round, self.order(replies))
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):
+        return self.inner.aggregate_evaluate(server_round, self.order(replies))
+
+    def summary(self) -> None:
+        self.inner.summary()
