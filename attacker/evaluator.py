@@ -50,7 +50,7 @@ class LeakageEvaluator:
             with self._lock:
                 audit = self._audits[(observed.round, observed.client_id)]
             gt_images, gt_labels = self.ground_truth(list(audit.sample_ids))
-            rec_images = torch.from_numpy(np.asarray(outcome.images))
+            rec_images = torch.from_numpy(np.array(outcome.images, dtype=np.float32))
             scores = score(rec_images, gt_images, outcome.labels, gt_labels)
             for key, value in scores.summary().items():
                 setattr(row, key, value)

@@ -16,7 +16,7 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Measure how much private data leaks from federated learning.")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 
 
@@ -46,17 +46,21 @@ def _one_line(err: BaseException) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
+LEAKAGE_COLUMNS = {"round": "round", "client_id": "client", "attack": "attack", "batch_size": "batch",
+                   "psnr_mean": "PSNR", "psnr_best": "PSNR best", "ssim_mean": "SSIM", "lpips_mean": "LPIPS",
+                   "label_accuracy": "label acc", "attack_seconds": "seconds", "status": "status"}
+
+
 def leakage_table(frame, title: str) -> Table:
     table = Table(title=title)
-    cols = ["round", "client_id", "attack", "batch_size", "psnr_mean", "psnr_best", "ssim_mean", "lpips_mean",
-            "label_accuracy", "attack_seconds", "status"]
+    cols = list(LEAKAGE_COLUMNS)
     for col in cols:
-        table.add_column(col, justify="right" if col not in ("attack", "status") else "left")
-    for _, row in frame.iterrows():
+        table.add_column(LEAKAGE_COLUMNS[col], justify="left" if col in ("attack", "status") else "right")
+    for _, row in frame.sort_values(["round", "client_id", "attack"]).iterrows():
         cells = []
         for col in cols:
             v = row.get(col, "")
-            cells.append(f"{v:.3f}" if isinstance(v, float) else str(v))
+            cells.append(f"{v:.2f}" if isinstance(v, float) else str(v))
         table.add_row(*cells)
     return table
 
@@ -212,7 +216,11 @@ def train_victim(
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for name in ("fedsim", "attacker", "strategies"):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.WARNING)
     app()
 
 

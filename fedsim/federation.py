@@ -25,13 +25,14 @@ from flwr.serverapp.strategy import FedAvg
 
 from attacker.evaluator import LeakageEvaluator
 from attacker.pool import AttackerPool
-from attacker.records import LeakageRecord, ModelSpec
+from attacker.records import LeakageRecord, ModelSpec, ThreatModel
 from strategies.honest_but_curious import HonestButCurious, UpdateTee
 from strategies.protocol import ARRAYS, AUDIT, CONFIG, METRICS, SHARED, encode_audit, encode_shared
 from strategies.reproducible import ReproducibleSampling
 
 from .client import choose_samples, client_round
 from .config import ExperimentConfig
+from .defenses import build_defense
 from .data import ImageData, load_dataset, partition_indices
 from .models import build_model
 from .results import RunDirectory
@@ -125,22 +126,34 @@ def prepare(cfg: ExperimentConfig) -> Federation:
 # ClientApp
 
 
+@dataclass(frozen=True)
+class ClientPlan:
+    """What a client process needs (and all it learns of the experiment): no attack or threat settings beyond the
+    sharing rules, so client actors never import attacker code paths."""
+
+    model_name: str
+    width: int
+    seed: int
+    threads: int
+    data: DataPlan
+    defenses: tuple[tuple[tuple[str, object], ...], ...]  # defense specs as hashable items
+    share_labels: bool
+
+
 @lru_cache(maxsize=2)
-def _client_process_state(cfg_json: str, plan: DataPlan) -> tuple[ImageData, "torch.nn.Module", int]:
-    """Per actor process: the training source and a model instance, built once and reused across rounds."""
-    cfg = ExperimentConfig.model_validate_json(cfg_json)
-    torch.set_num_threads(max(1, int(cfg.ray.client_cpus)))  # one actor per CPU: avoid oversubscription
-    data = plan.train_source()
-    model = build_model(cfg.model.name, data.num_classes, image_size=data.shape[1], width=cfg.model.width,
-                        seed=cfg.seed)
-    return data, model, 0
+def _client_process_state(plan: ClientPlan) -> tuple[ImageData, torch.nn.Module, list]:
+    """Per actor process: the training source, a model instance and the defenses, built once and reused."""
+    torch.set_num_threads(plan.threads)  # one actor per CPU: avoid oversubscription
+    data = plan.data.train_source()
+    model = build_model(plan.model_name, data.num_classes, image_size=data.shape[1], width=plan.width, seed=plan.seed)
+    return data, model, [build_defense(dict(spec)) for spec in plan.defenses]
 
 
-def make_client_app(cfg: ExperimentConfig, plan: DataPlan, partitions: list[np.ndarray]) -> ClientApp:
+def make_client_app(cfg: ExperimentConfig, data_plan: DataPlan, partitions: list[np.ndarray]) -> ClientApp:
     app = ClientApp()
-    cfg_json = cfg.model_dump_json()
-    threat = cfg.threat_model()
-    defenses = cfg.build_defenses()
+    plan = ClientPlan(cfg.model.name, cfg.model.width, cfg.seed, max(1, int(cfg.ray.client_cpus)), data_plan,
+                      tuple(tuple(sorted(d.items())) for d in cfg.defenses), cfg.threat.labels == "known")
+    threat = ThreatModel(labels="known" if plan.share_labels else "recovered")
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
@@ -152,10 +165,10 @@ def make_client_app(cfg: ExperimentConfig, plan: DataPlan, partitions: list[np.n
         pid = int(context.node_config["partition-id"])
         server_round = int(msg.content[CONFIG]["server-round"])
         sent = TrainConfig.from_record(dict(msg.content[CONFIG]))
-        data, model, _ = _client_process_state(cfg_json, plan)
+        data, model, defenses = _client_process_state(plan)
         global_state = {k: torch.from_numpy(v.numpy().copy()) for k, v in msg.content[ARRAYS].items()}
-        ids = choose_samples(partitions[pid], sent.num_samples, cfg.seed, server_round, pid)
-        reply = client_round(model, global_state, data, ids, sent, defenses, threat, seed=cfg.seed,
+        ids = choose_samples(partitions[pid], sent.num_samples, plan.seed, server_round, pid)
+        reply = client_round(model, global_state, data, ids, sent, defenses, threat, seed=plan.seed,
                              server_round=server_round, client_id=pid)
         content = RecordDict({
             ARRAYS: ArrayRecord({k: reply.state[k].contiguous() for k in global_state}),
@@ -242,8 +255,12 @@ def _server_main(grid: Grid, session: Session) -> None:
                         width=cfg.model.width, seed=cfg.seed, checkpoint=cfg.model.checkpoint)
     initial = float_state(model)
 
+    flwr_log = logging.getLogger("flwr")
+    level = flwr_log.level
+    flwr_log.setLevel(logging.ERROR)  # FedAvg warns that client-side evaluation is off: it is, on purpose
     inner = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_evaluate_nodes=0,
                    min_available_nodes=1)
+    flwr_log.setLevel(level)
     strategy = ReproducibleSampling(inner, partition_of, cfg.federation.clients_per_round, cfg.seed)
     if session.pool is not None:
         tee = UpdateTee(fed.spec, (fed.train.mean, fed.train.std), cfg.threat_model(),

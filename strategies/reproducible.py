@@ -16,6 +16,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 
+class ClientFailure(RuntimeError):
+    """A sampled client replied with an error."""
+
+
 class _SampledGrid:
     """A view of the grid that exposes only the nodes sampled for this round."""
 
@@ -31,7 +35,8 @@ class _SampledGrid:
 
 
 class ReproducibleSampling(Strategy):
-    def __init__(self, inner: Strategy, partition_of: dict[int, int], clients_per_round: int, seed: int) -> None:
+    def __init__(self, inner: Strategy, partition_of: dict[int, int], clients_per_round: int, seed: int,
+                 fail_on_client_error: bool = True) -> None:
         """``inner`` must train on every node it is shown (e.g. ``FedAvg(fraction_train=1.0, min_train_nodes=1,
         min_available_nodes=1)``); ``partition_of`` maps node id to partition id."""
         self.inner = inner
@@ -39,6 +44,8 @@ class ReproducibleSampling(Strategy):
         self.node_of = {pid: nid for nid, pid in self.partition_of.items()}
         self.clients_per_round = clients_per_round
         self.seed = seed
+        # In a simulation a client error is a bug in the setup, not a dropout: stop instead of averaging the rest.
+        self.fail_on_client_error = fail_on_client_error
 
     def sample(self, server_round: int) -> list[int]:
         """Partition ids sampled in ``server_round`` (sorted)."""
@@ -58,7 +65,14 @@ class ReproducibleSampling(Strategy):
         return sorted(replies, key=key)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.inner.aggregate_train(server_round, self.order(replies))
+        replies = self.order(replies)
+        failed = [m for m in replies if m.has_error()]
+        if failed and self.fail_on_client_error:
+            first = failed[0]
+            pid = self.partition_of.get(first.metadata.src_node_id, "?")
+            raise ClientFailure(f"{len(failed)} of {len(replies)} clients failed in round {server_round}; "
+                                f"client {pid}: {first.error.reason}")
+        return self.inner.aggregate_train(server_round, replies)
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         return self.inner.configure_evaluate(server_round, arrays, config, grid)

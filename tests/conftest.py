@@ -1,0 +1,40 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real-image fixtures (../shared/data in CI). Unset: skip; set but missing: fail."""
+    value = os.environ.get("FEDSIM_DATA_DIR")
+    if not value:
+        pytest.skip("FEDSIM_DATA_DIR is not set: tests on real images are skipped")
+    path = Path(value)
+    if not path.is_dir():
+        pytest.fail(f"FEDSIM_DATA_DIR={value} is not a directory")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar_test(data_dir):
+    from fedsim.data import load_dataset
+
+    return load_dataset("cifar10", "test")
+
+
+@pytest.fixture
+def synthetic_npz(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(120, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(120) % 10
+    path = tmp_path / "synthetic.npz"
+    np.savez_compressed(path, images=images, labels=labels)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)

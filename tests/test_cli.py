@@ -1,0 +1,75 @@
+"""The command line: one-line errors with exit code 2, single-update mode, and a killed run's results."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fedsim(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "fedsim.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["--set", "bogus=1"], "bogus: unknown key"),
+    (["--set", "federation.rounds=-1"], "federation.rounds"),
+    (["--set", 'client.lr="fast"'], "client.lr"),
+    (["--set", "attacks.0.iterationz=5"], "attacks.0.iterationz: unknown key"),
+    (["--set", 'data.dataset="/nonexistent/cifar.npz"'], "/nonexistent/cifar.npz"),
+])
+def test_bad_configs_fail_with_one_line_and_exit_2(overrides, expected):
+    result = fedsim("run", "experiments/quickstart.toml", *overrides)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_missing_dataset_is_one_line(tmp_path):
+    result = fedsim("run", "experiments/quickstart.toml", env={"FEDSIM_DATA_DIR": str(tmp_path),
+                                                               "HOME": str(tmp_path)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "not found; tried" in result.stderr
+
+
+def test_single_update_mode_writes_metrics_and_grid(tmp_path, data_dir):
+    out = tmp_path / "attack"
+    result = fedsim("attack", "--model", "lenet_zhu", "--dataset", str(data_dir / "cifar10_test_0-199.npz"),
+                    "--indices", "0-3", "--batch-size", "2", "--iterations", "40", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    frame = pd.read_parquet(out / "leakage.parquet")
+    assert len(frame) == 2 and (frame.batch_size == 2).all() and (frame.status == "ok").all()
+    assert (out / "grids" / "round_000.png").is_file()
+    assert "PSNR" in result.stdout
+
+
+@pytest.mark.ray
+def test_killed_run_keeps_finished_rows(tmp_path, data_dir):
+    cmd = [sys.executable, "-m", "fedsim.cli", "run", "experiments/quickstart.toml", "--quiet",
+           "--set", f'output_dir="{tmp_path}"', "--set", "federation.rounds=20", "--set", "attacks.0.iterations=50",
+           "--set", 'attack.executor="inline"']
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    table = tmp_path / "quickstart" / "leakage.parquet"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            if table.exists() and len(pd.read_parquet(table)) >= 3:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("no leakage rows appeared")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    frame = pd.read_parquet(table)
+    assert len(frame) >= 3 and (frame.status == "ok").all()
+    assert frame["round"].max() < 20  # it really was stopped mid-way
