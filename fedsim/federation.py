@@ -98,8 +98,12 @@ class Federation:
 
 def prepare(cfg: ExperimentConfig) -> Federation:
     d = cfg.data
-    plan = DataPlan(d.dataset, d.path, d.test_path, d.image_size, d.test_fraction, cfg.seed,
-                    os.environ.get("FEDSIM_DATA_DIR"))
+    def absolute(p: str | None) -> str | None:  # client actors may run in another working directory
+        return os.path.abspath(os.path.expanduser(p)) if p else None
+
+    dataset = absolute(d.dataset) if Path(d.dataset).expanduser().exists() else d.dataset
+    plan = DataPlan(dataset, absolute(d.path), absolute(d.test_path), d.image_size, d.test_fraction, cfg.seed,
+                    absolute(os.environ.get("FEDSIM_DATA_DIR")))
     train = plan.train_source()
     if train.labels is None:
         raise ValueError(f"data.dataset: {train.name} has no labels; victims are classifiers")
