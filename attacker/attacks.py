@@ -7,7 +7,7 @@ Every attack takes only :class:`~attacker.records.ObservedUpdate` records and a
 from __future__ import annotations
 
 import time
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -67,6 +67,8 @@ class OptimizationAttack(Attack):
     lr: float = Field(default=0.1, gt=0)
     max_parallel: int = Field(default=64, ge=1)
     trace_every: int = Field(default=100, ge=0)
+    batching: Literal["auto", "vmap", "loop"] = "auto"
+    compile: bool = False
 
     def engine_spec(self) -> EngineSpec:
         raise NotImplementedError
@@ -125,7 +127,8 @@ class InvertingGradients(OptimizationAttack):
     def engine_spec(self) -> EngineSpec:
         return EngineSpec(objective=self.objective, regularizers=(("tv", self.tv),),
                           optimizer=OptimizerSpec(name="signed_adam", lr=self.lr), iterations=self.iterations,
-                          restarts=self.restarts, boxed=True, init=self.init, trace_every=self.trace_every)
+                          restarts=self.restarts, boxed=True, init=self.init, trace_every=self.trace_every,
+                          batching=self.batching, compile=self.compile)
 
 
 def build_attack(spec: dict) -> Attack:

@@ -47,7 +47,7 @@ class AttackWorker:
 class AttackerPool:
     def __init__(self, attack_specs: list[dict], threat: ThreatModel, record: RecordFn, *, executor: str = "ray",
                  workers: int = 2, threads: int = 1, device: str = "cpu", seed: int = 0,
-                 on_submit: Callable[[int], None] | None = None) -> None:
+                 gpus_per_worker: float | None = None, on_submit: Callable[[int], None] | None = None) -> None:
         self.record = record
         self.executor = executor
         self.on_submit = on_submit
@@ -61,7 +61,9 @@ class AttackerPool:
 
         if not ray.is_initialized():
             raise RuntimeError("the ray executor needs Ray initialised first")
-        remote = ray.remote(num_cpus=0, num_gpus=1 if device.startswith("cuda") else 0)(AttackWorker)
+        if gpus_per_worker is None:
+            gpus_per_worker = 1.0 / workers if device.startswith("cuda") else 0.0
+        remote = ray.remote(num_cpus=0, num_gpus=gpus_per_worker)(AttackWorker)
         self._actors = [remote.remote(attack_specs, threat, device, threads, seed) for _ in range(workers)]
         self._pending: dict = {}  # ObjectRef -> observed list
         self._cv = threading.Condition()

@@ -103,6 +103,7 @@ class AttackSettings(Section):
     executor: Literal["ray", "inline"] = "ray"  # ray: actors, FL loop does not wait; inline: in the server thread
     workers: int = Field(default=2, ge=1)
     threads: int = Field(default=1, ge=1)  # torch threads per attack worker
+    gpus_per_worker: float | None = Field(default=None, ge=0.0)  # default: 1/workers when device is cuda, else 0
 
 
 class RayConfig(Section):

@@ -368,7 +368,8 @@ def run_experiment(cfg: ExperimentConfig, *, ray_address: str | None = None, res
                                          grid_dir=store.root / "grids", on_row=progress.attack_done)
             pool = AttackerPool(cfg.attacks, cfg.threat_model(), evaluator.record, executor=cfg.attack.executor,
                                 workers=cfg.attack.workers, threads=cfg.attack.threads, device=cfg.device,
-                                seed=cfg.seed, on_submit=progress.attacks_submitted)
+                                seed=cfg.seed, gpus_per_worker=cfg.attack.gpus_per_worker,
+                                on_submit=progress.attacks_submitted)
         session = Session(fed, store, pool, evaluator, progress)
         backend = {"client_resources": {"num_cpus": cfg.ray.client_cpus, "num_gpus": cfg.ray.client_gpus},
                    "init_args": {}}

@@ -35,19 +35,22 @@ def test_simulator_replays_the_client_update_exactly(name, cfg):
         assert torch.allclose(got[key], expected[key], atol=1e-6, rtol=1e-4), key
 
 
-def test_batched_restart_gradients_equal_one_at_a_time_autograd():
+def test_vmap_and_loop_paths_give_the_gradients_of_hand_written_autograd():
     torch.manual_seed(0)
     model = build_model("lenet_zhu", 10)
     cfg = TrainConfig(lr=1.0)
     sim = VictimSimulator(model, step_schedule(cfg), cfg.lr)
     targets = {k: torch.randn(2, *v.shape) for k, v in sim.params.items()}
     labels = torch.tensor([[2], [5]])
-    spec = EngineSpec(iterations=1, restarts=3)
-    engine = AttackEngine(spec)
-    per = engine._per_candidate(InversionProblem(sim, targets, labels, (3, 32, 32), (0.5,) * 3, (0.5,) * 3))
     x = torch.randn(2, 3, 1, 3, 32, 32)
-    from torch.func import grad_and_value, vmap
-    grads, _ = vmap(vmap(grad_and_value(per, has_aux=True), in_dims=(0, None, None)))(x, labels, targets)
+    vmap_step, _ = AttackEngine(EngineSpec(batching="vmap", restarts=3))._executors(
+        InversionProblem(sim, targets, labels, (3, 32, 32), (0.5,) * 3, (0.5,) * 3), 6)
+    loop_step, _ = AttackEngine(EngineSpec(batching="loop", restarts=3))._executors(
+        InversionProblem(sim, targets, labels, (3, 32, 32), (0.5,) * 3, (0.5,) * 3), 6)
+    grads, matching = vmap_step(x, labels, targets)
+    loop_grads, loop_matching = loop_step(x, labels, targets)
+    assert torch.allclose(grads, loop_grads, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(matching, loop_matching, atol=1e-6)
     for p in range(2):
         for r in range(3):
             xi = x[p, r].clone().requires_grad_(True)
