@@ -336,6 +336,7 @@ class Progress:
 def _ray_settings(cfg: ExperimentConfig, address: str | None) -> dict:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU runs: keep Ray from touching GPU env vars
     if address:
         return {"address": address, "logging_level": "ERROR", "log_to_driver": False}
     # A private temp dir per run: a stale cluster file in the shared one makes ray.init hang.

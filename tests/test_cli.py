@@ -73,3 +73,28 @@ def test_killed_run_keeps_finished_rows(tmp_path, data_dir):
     frame = pd.read_parquet(table)
     assert len(frame) >= 3 and (frame.status == "ok").all()
     assert frame["round"].max() < 20  # it really was stopped mid-way
+
+
+def test_train_victim_then_attack_the_trained_model(tmp_path, synthetic_npz):
+    ckpt = tmp_path / "victim.pt"
+    trained = fedsim("train-victim", "--model", "lenet_zhu", "--dataset", str(synthetic_npz), "--epochs", "1",
+                     "--batch-size", "32", "--output", str(ckpt))
+    assert trained.returncode == 0, trained.stderr
+    assert ckpt.is_file() and "train accuracy" in trained.stdout
+    out = tmp_path / "attack"
+    result = fedsim("attack", "--dataset", str(synthetic_npz), "--indices", "0-1", "--iterations", "20",
+                    "--trained", str(ckpt), "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert len(pd.read_parquet(out / "leakage.parquet")) == 2
+    missing = fedsim("attack", "--dataset", str(synthetic_npz), "--trained", str(tmp_path / "nope.pt"))
+    assert missing.returncode == 2 and "checkpoint not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_fedavg_updates_with_several_local_steps_are_attacked(tmp_path, data_dir):
+    out = tmp_path / "fedavg"
+    result = fedsim("attack", "--dataset", str(data_dir / "cifar10_test_0-199.npz"), "--indices", "0-3",
+                    "--batch-size", "4", "--mode", "fedavg", "--epochs", "2", "--local-batch-size", "2",
+                    "--lr", "0.01", "--labels", "known", "--iterations", "30", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    row = pd.read_parquet(out / "leakage.parquet").iloc[0]
+    assert row.status == "ok" and row.batch_size == 4 and row.label_accuracy == 1.0 and row.label_method == "known"
