@@ -88,6 +88,14 @@ class OptimizationAttack(Attack):
                     results[i] = rec
         return results  # type: ignore[return-value]
 
+    def side_information(self, observed: list[ObservedUpdate], simulator: VictimSimulator,
+                         threat: ThreatModel) -> dict[str, torch.Tensor]:
+        """Per-update extras the regularisers need, stacked [P, ...] (none by default)."""
+        return {}
+
+    def labels_for(self, observed: ObservedUpdate, threat: ThreatModel) -> tuple[np.ndarray, str]:
+        return attacker_labels(observed, threat)
+
     def _run(self, observed: list[ObservedUpdate], threat: ThreatModel, cfg: TrainConfig, device: str,
              seed: int) -> list[Reconstruction]:
         t0 = time.perf_counter()
@@ -97,20 +105,23 @@ class OptimizationAttack(Attack):
         state = {k: torch.from_numpy(np.asarray(v)) for k, v in first.global_state.items()}
         model.load_state_dict(state, strict=False)
         simulator = VictimSimulator(model, step_schedule(cfg), cfg.lr, device)
-        label_sets = [attacker_labels(obs, threat) for obs in observed]
+        label_sets = [self.labels_for(obs, threat) for obs in observed]
         targets = {k: torch.stack([torch.from_numpy(np.asarray(obs.update[k], dtype=np.float32)) for obs in observed])
                    for k in simulator.params}
         problem = InversionProblem(simulator, targets, torch.from_numpy(np.stack([l for l, _ in label_sets])),
-                                   spec.image_shape, *first.normalization)
-        result = AttackEngine(self.engine_spec(), device=device, seed=seed).run(problem)
+                                   spec.image_shape, *first.normalization, num_classes=spec.num_classes,
+                                   aux=self.side_information(observed, simulator, threat))
+        engine_spec = self.engine_spec()
+        result = AttackEngine(engine_spec, device=device, seed=seed).run(problem)
         setup = time.perf_counter() - t0 - result.seconds
         share = (result.seconds + setup) / len(observed)
+        joint = engine_spec.search_space != "pixels"
         return [
-            Reconstruction(attack=self.name, images=result.images[i].numpy(), labels=label_sets[i][0],
-                           label_method=label_sets[i][1], loss=float(result.losses[i]), seconds=share,
-                           iterations=result.iterations, restarts=self.restarts,
+            Reconstruction(attack=self.name, images=result.images[i].numpy(), labels=result.labels[i].numpy(),
+                           label_method="joint" if joint else label_sets[i][1], loss=float(result.losses[i]),
+                           seconds=share, iterations=result.iterations, restarts=self.restarts,
                            trace=[(it, losses[i]) for it, losses in result.trace],
-                           extra={"batched_with": len(observed)})
+                           extra={"batched_with": len(observed), "gradient_evaluations": result.evaluations})
             for i in range(len(observed))
         ]
 

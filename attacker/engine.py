@@ -2,15 +2,17 @@
 attack, assembled from parts chosen by name.
 
 Parts
-- simulated update: :class:`VictimSimulator` replays the client's local SGD steps functionally (FedSGD is one step),
-  so the simulated update is differentiable in the candidate images;
-- matching objective (:data:`OBJECTIVES`): cosine, L2, ...;
-- regularisers (:data:`REGULARIZERS`): total variation, ...;
-- optimiser (:data:`OPTIMIZERS`): Adam on signed gradients with step decay, ...;
-- search space: candidate pixels in normalised space, projected to the valid box.
+- simulated update: :class:`VictimSimulator` replays the client's local SGD steps (FedSGD is one step), so the
+  simulated update is differentiable in the candidate inputs;
+- search space (:data:`SEARCH_SPACES`): what is optimised (pixels; pixels and soft labels) and how it is projected;
+- matching objective (:data:`OBJECTIVES`): cosine, L2, per-layer cosine, masked cosine;
+- regularisers (:data:`REGULARIZERS`): total variation, L2 image prior, BatchNorm fidelity, group consistency,
+  feature matching;
+- optimiser (:data:`OPTIMIZERS`): Adam on signed gradients with step decay, Adam, L-BFGS (batched per candidate).
 
-Independent problems (images or clients that share the public model) and restarts run as one computation:
-``vmap`` over problems (each with its own target update and labels) around ``vmap`` over restarts.
+Independent problems (images or clients that share the public model) and restarts are stacked as candidates
+``[P, R, ...]``. They run as one computation (``vmap`` over problems around ``vmap`` over restarts) or one after
+another with plain autograd, whichever is faster for the victim (``EngineSpec.batching``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ class VictimSimulator:
         self.buffers: Tensors = {k: v.detach() for k, v in self.model.named_buffers()}
         self.schedule = [torch.as_tensor(np.asarray(s, dtype=np.int64), device=device) for s in schedule]
         self.lr = lr
+        self.bn_layers = [name for name, m in self.model.named_modules()
+                          if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        linears = [name for name, m in self.model.named_modules() if isinstance(m, nn.Linear)]
+        self.feature_layer = linears[-1] if linears else None  # the classifier, whose input analytic recovery gives
 
     @property
     def num_parameters(self) -> int:
@@ -78,14 +84,38 @@ class VictimSimulator:
             params = {k: params[k] - self.lr * grads[k] for k in params}
         return {k: params[k] - start[k] for k in params}
 
+    def bn_statistics(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Batch mean and biased variance at every BatchNorm input for the client's first step on ``x``."""
+        stats: list = []
+        modules = dict(self.model.named_modules())
+
+        def hook(_module, inputs):
+            h = inputs[0]
+            dims = [d for d in range(h.dim()) if d != 1]
+            stats.append((h.mean(dims), h.var(dims, unbiased=False)))
+
+        handles = [modules[name].register_forward_pre_hook(hook) for name in self.bn_layers]
+        try:
+            functional_call(self.model, (self.params, self.buffers), (x[self.schedule[0]],))
+        finally:
+            for h in handles:
+                h.remove()
+        return stats
+
+    def features(self, x: torch.Tensor, layer: str) -> torch.Tensor:
+        """Input of module ``layer`` (e.g. the classifier) for the first-step batch."""
+        captured: list = []
+        handle = dict(self.model.named_modules())[layer].register_forward_pre_hook(
+            lambda _m, inputs: captured.append(inputs[0]))
+        try:
+            functional_call(self.model, (self.params, self.buffers), (x[self.schedule[0]],))
+        finally:
+            handle.remove()
+        return captured[0]
+
 
 # ------------------------------------------------------------------------------------------------------------
 # Registries of parts
-
-Objective = Callable[[Tensors, Tensors], torch.Tensor]
-OBJECTIVES: dict[str, Objective] = {}
-Regularizer = Callable[[torch.Tensor], torch.Tensor]
-REGULARIZERS: dict[str, Regularizer] = {}
 
 
 def register(registry: dict, name: str):
@@ -94,6 +124,10 @@ def register(registry: dict, name: str):
         return fn
 
     return wrap
+
+
+Objective = Callable[[Tensors, Tensors], torch.Tensor]
+OBJECTIVES: dict[str, Objective] = {}
 
 
 @register(OBJECTIVES, "cosine")
@@ -105,16 +139,121 @@ def cosine_distance(sim: Tensors, target: Tensors) -> torch.Tensor:
     return 1.0 - dot / (sim_norm * target_norm + 1e-12)
 
 
+@register(OBJECTIVES, "layer_cosine")
+def layerwise_cosine_distance(sim: Tensors, target: Tensors) -> torch.Tensor:
+    """Mean over layers of 1 - cosine similarity, so small layers weigh as much as large ones."""
+    dists = [1.0 - (sim[k] * target[k]).sum() / (sim[k].norm() * target[k].norm() + 1e-12) for k in target]
+    return sum(dists) / len(dists)
+
+
+@register(OBJECTIVES, "masked_cosine")
+def masked_cosine_distance(sim: Tensors, target: Tensors) -> torch.Tensor:
+    """Cosine distance on the coordinates the observed update kept (non-zero), for sparsified (top-k) updates:
+    the simulated update is unsparsified, so its dropped coordinates would only add noise to the direction."""
+    masked = {k: sim[k] * (target[k] != 0) for k in target}
+    return cosine_distance(masked, target)
+
+
 @register(OBJECTIVES, "l2")
 def squared_l2(sim: Tensors, target: Tensors) -> torch.Tensor:
     """Squared Euclidean distance of the updates, as in DLG."""
     return sum((sim[k] - target[k]).pow(2).sum() for k in target)
 
 
+@dataclass
+class CandidateContext:
+    """What a regulariser may look at for one candidate (all tensors are per candidate under vmap)."""
+
+    simulator: VictimSimulator
+    aux: Tensors  # per-problem side information (BN statistics targets, feature targets)
+    anchor: torch.Tensor  # group-consistency anchor for this candidate (same shape as its images)
+
+
+Regularizer = Callable[[torch.Tensor, CandidateContext], torch.Tensor]
+REGULARIZERS: dict[str, Regularizer] = {}
+
+
 @register(REGULARIZERS, "tv")
-def total_variation(x: torch.Tensor) -> torch.Tensor:
+def total_variation(x: torch.Tensor, ctx: CandidateContext | None = None) -> torch.Tensor:
     """Mean absolute difference of neighbouring pixels (anisotropic TV, IG's definition)."""
     return (x[..., :, 1:] - x[..., :, :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+
+
+@register(REGULARIZERS, "l2")
+def l2_prior(x: torch.Tensor, ctx: CandidateContext | None = None) -> torch.Tensor:
+    """Mean squared (normalised) pixel value: keeps candidates near the data mean."""
+    return x.pow(2).mean()
+
+
+@register(REGULARIZERS, "bn")
+def bn_fidelity(x: torch.Tensor, ctx: CandidateContext) -> torch.Tensor:
+    """GradInversion's fidelity: sum over BatchNorm layers of ||mu(x) - mu*||_2 + ||var(x) - var*||_2, against
+    statistics the client shared or a public proxy (in ``aux`` as bn.mean.i / bn.var.i)."""
+    total = x.new_zeros(())
+    for i, (mean, var) in enumerate(ctx.simulator.bn_statistics(x)):
+        total = total + (mean - ctx.aux[f"bn.mean.{i}"]).norm() + (var - ctx.aux[f"bn.var.{i}"]).norm()
+    return total
+
+
+@register(REGULARIZERS, "group")
+def group_consistency(x: torch.Tensor, ctx: CandidateContext) -> torch.Tensor:
+    """GradInversion's group consistency: squared distance to the group's (lazy or registered) consensus image."""
+    return (x - ctx.anchor).pow(2).mean()
+
+
+@register(REGULARIZERS, "features")
+def feature_matching(x: torch.Tensor, ctx: CandidateContext) -> torch.Tensor:
+    """Distance of the classifier's input features to those recovered analytically from the update."""
+    layer = ctx.simulator.feature_layer
+    feats = ctx.simulator.features(x, layer).flatten(1)
+    target = ctx.aux["features"]
+    valid = torch.isfinite(target).all(dim=1, keepdim=True)
+    return ((feats - torch.nan_to_num(target)) * valid).pow(2).mean()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Search spaces
+
+
+@dataclass
+class SearchSpace:
+    """How candidate variables map to model inputs and labels, how they start and how they are projected."""
+
+    name: str
+    init: Callable[["InversionProblem", int, int, str, torch.Generator], Tensors]  # -> each [P, R, ...]
+    decode: Callable[[Tensors, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # one candidate -> (x, y)
+    labels_out: Callable[[Tensors, torch.Tensor], torch.Tensor]  # stacked variables, given labels -> [P, R, B]
+
+
+def _init_images(problem: "InversionProblem", P: int, R: int, init: str, generator: torch.Generator) -> torch.Tensor:
+    shape = (P, R, problem.batch_size, *problem.image_shape)
+    if init == "randn":
+        return torch.randn(shape, generator=generator)
+    if init == "rand":
+        return torch.rand(shape, generator=generator) * 2 - 1
+    if init == "zeros":
+        return torch.zeros(shape)
+    raise ValueError(f"unknown init {init!r}; use randn, rand or zeros")
+
+
+SEARCH_SPACES: dict[str, SearchSpace] = {}
+SEARCH_SPACES["pixels"] = SearchSpace(
+    "pixels",
+    init=lambda pr, P, R, init, g: {"x": _init_images(pr, P, R, init, g)},
+    decode=lambda v, y: (v["x"], y),
+    labels_out=lambda v, y: y[:, None].expand(-1, v["x"].shape[1], -1),
+)
+SEARCH_SPACES["pixels_and_labels"] = SearchSpace(
+    "pixels_and_labels",  # DLG: soft labels optimised jointly (as logits), read out by argmax
+    init=lambda pr, P, R, init, g: {"x": _init_images(pr, P, R, init, g),
+                                    "label_logits": torch.randn(P, R, pr.batch_size, pr.num_classes, generator=g)},
+    decode=lambda v, y: (v["x"], v["label_logits"].softmax(-1)),
+    labels_out=lambda v, y: v["label_logits"].argmax(-1),
+)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Optimisers: step(closure) where closure() -> (total [P, R], matching [P, R], grads {name: [P, R, ...]})
 
 
 @dataclass(frozen=True)
@@ -123,33 +262,130 @@ class OptimizerSpec:
     lr: float = 0.1
     decay_milestones: tuple[float, ...] = (3 / 8, 5 / 8, 7 / 8)  # fractions of the budget
     decay_gamma: float = 0.1
+    max_iter: int = 20  # L-BFGS: gradient evaluations per step
+    history_size: int = 100  # L-BFGS memory
 
 
-class SignedAdam:
-    """Adam on the sign of the gradient with step decay. Adam is element-wise, so one instance over the stacked
-    candidates of all problems and restarts is exactly independent optimisers per restart."""
+class AdamOptimizer:
+    """Adam (optionally on the sign of the gradient) with step decay. Adam is element-wise, so one instance over
+    the stacked candidates is exactly independent optimisers per candidate."""
 
-    def __init__(self, variable: torch.Tensor, spec: OptimizerSpec, iterations: int, signed: bool = True):
-        self.variable = variable
-        self.signed = signed
-        self.opt = torch.optim.Adam([variable], lr=spec.lr)
-        milestones = sorted({int(iterations * f) for f in spec.decay_milestones})
+    def __init__(self, variables: Tensors, spec: OptimizerSpec, iterations: int, signed: bool):
+        self.variables, self.signed = variables, signed
+        self.opt = torch.optim.Adam(list(variables.values()), lr=spec.lr)
+        milestones = sorted({int(iterations * f) for f in spec.decay_milestones if spec.decay_milestones})
         self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones=milestones, gamma=spec.decay_gamma)
+        self.evaluations = 0
 
-    def step(self, grad: torch.Tensor) -> None:
-        self.variable.grad = grad.sign() if self.signed else grad
+    def step(self, closure):
+        _, matching, grads = closure()
+        self.evaluations += 1
+        for key, var in self.variables.items():
+            var.grad = grads[key].sign() if self.signed else grads[key]
         self.opt.step()
         self.sched.step()
+        return matching
 
 
-OPTIMIZERS: dict[str, Callable[..., SignedAdam]] = {
-    "signed_adam": lambda var, spec, iters: SignedAdam(var, spec, iters, signed=True),
-    "adam": lambda var, spec, iters: SignedAdam(var, spec, iters, signed=False),
+class BatchedLBFGS:
+    """torch.optim.LBFGS's algorithm (no line search, same defaults and stopping tests) run independently for
+    every candidate on the flattened variables [C, D]: candidates that meet a stopping test stop moving."""
+
+    def __init__(self, variables: Tensors, spec: OptimizerSpec, iterations: int, tolerance_grad: float = 1e-7,
+                 tolerance_change: float = 1e-9):
+        self.variables, self.spec = variables, spec
+        self.tol_grad, self.tol_change = tolerance_grad, tolerance_change
+        first = next(iter(variables.values()))
+        self.C = first.shape[0] * first.shape[1]
+        self.keys = list(variables)
+        self.shapes = {k: v.shape for k, v in variables.items()}
+        self.s: list[torch.Tensor] = []
+        self.y: list[torch.Tensor] = []
+        self.rho: list[torch.Tensor] = []
+        self.dir = self.prev_grad = self.t = None
+        self.h_diag = torch.ones(self.C, device=first.device)
+        self.n_iter = 0
+        self.evaluations = 0
+        self.done = torch.zeros(self.C, dtype=torch.bool, device=first.device)
+
+    def _flat(self, tensors: Tensors) -> torch.Tensor:
+        return torch.cat([tensors[k].reshape(self.C, -1) for k in self.keys], dim=1)
+
+    def _add(self, delta: torch.Tensor) -> None:
+        offset = 0
+        for k in self.keys:
+            n = math.prod(self.shapes[k][2:])
+            self.variables[k].data += delta[:, offset:offset + n].view(self.shapes[k])
+            offset += n
+
+    def _direction(self, g: torch.Tensor) -> torch.Tensor:
+        q = -g
+        alphas = []
+        for s, y, rho in zip(reversed(self.s), reversed(self.y), reversed(self.rho)):
+            a = rho * (s * q).sum(1)
+            alphas.append(a)
+            q = q - a[:, None] * y
+        r = q * self.h_diag[:, None]
+        for (s, y, rho), a in zip(zip(self.s, self.y, self.rho), reversed(alphas)):
+            b = rho * (y * r).sum(1)
+            r = r + s * (a - b)[:, None]
+        return r
+
+    def step(self, closure):
+        total, matching, grads = closure()
+        self.evaluations += 1
+        g = self._flat(grads)
+        self.done |= g.abs().amax(1) <= self.tol_grad
+        for inner in range(self.spec.max_iter):
+            if bool(self.done.all()):
+                break
+            self.n_iter += 1
+            if self.n_iter == 1:
+                d = -g
+            else:
+                y, s = g - self.prev_grad, self.dir * self.t[:, None]
+                ys = (y * s).sum(1)
+                accept = ys > 1e-10
+                if bool(accept.any()):
+                    # Memory is shared in length; rejected pairs enter with rho 0 so they change nothing.
+                    if len(self.s) == self.spec.history_size:
+                        self.s.pop(0), self.y.pop(0), self.rho.pop(0)
+                    self.s.append(torch.where(accept[:, None], s, 0.0))
+                    self.y.append(torch.where(accept[:, None], y, 0.0))
+                    self.rho.append(torch.where(accept, 1.0 / ys.clamp_min(1e-10), 0.0))
+                    self.h_diag = torch.where(accept, ys / (y * y).sum(1).clamp_min(1e-20), self.h_diag)
+                d = self._direction(g)
+            self.prev_grad, prev_total = g.clone(), total
+            lr = self.spec.lr
+            t = torch.full((self.C,), lr, device=g.device)
+            if self.n_iter == 1:
+                t = torch.clamp(1.0 / g.abs().sum(1), max=1.0) * lr
+            gtd = (g * d).sum(1)
+            self.done |= gtd > -self.tol_change
+            t = torch.where(self.done, 0.0, t)
+            self.dir, self.t = d, t
+            self._add(d * t[:, None])
+            if inner == self.spec.max_iter - 1:
+                break
+            total, matching, grads = closure()
+            self.evaluations += 1
+            g = self._flat(grads)
+            moved = (d * t[:, None]).abs().amax(1)
+            total_flat = total.reshape(-1)
+            self.done |= (g.abs().amax(1) <= self.tol_grad) | (moved <= self.tol_change)
+            self.done |= (total_flat - prev_total.reshape(-1)).abs() < self.tol_change
+        return matching
+
+
+OPTIMIZERS: dict[str, Callable] = {
+    "signed_adam": lambda vars_, spec, iters: AdamOptimizer(vars_, spec, iters, signed=True),
+    "adam": lambda vars_, spec, iters: AdamOptimizer(vars_, spec, iters, signed=False),
+    "lbfgs": lambda vars_, spec, iters: BatchedLBFGS(vars_, spec, iters),
 }
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Problem and loop
+# Problem, spec and the loop
 
 
 @dataclass
@@ -158,10 +394,12 @@ class InversionProblem:
 
     simulator: VictimSimulator
     targets: Tensors  # each [P, *param_shape]: the observed updates
-    labels: torch.Tensor  # [P, B] integer labels (or [P, B, classes] soft labels)
+    labels: torch.Tensor  # [P, B] integer labels (recovered or known; ignored by label-searching spaces)
     image_shape: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    num_classes: int = 10
+    aux: Tensors = field(default_factory=dict)  # per-problem side information, each [P, ...]
 
     @property
     def num_problems(self) -> int:
@@ -173,15 +411,27 @@ class InversionProblem:
 
 
 @dataclass(frozen=True)
+class GroupSpec:
+    """Group consistency: every ``every`` iterations the restarts of a problem agree on a consensus image, the
+    plain mean (``lazy``) or the mean after aligning each restart to it (``registered``)."""
+
+    mode: str = "lazy"
+    every: int = 100
+    start: int = 0
+
+
+@dataclass(frozen=True)
 class EngineSpec:
     objective: str = "cosine"
     regularizers: tuple[tuple[str, float], ...] = (("tv", 1e-2),)
+    search_space: str = "pixels"
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     iterations: int = 4800
     restarts: int = 1
     boxed: bool = True
     init: str = "randn"
     trace_every: int = 100
+    group: GroupSpec | None = None
     # How candidates (problems x restarts) are computed: "vmap" batches them in one computation (pays off for small,
     # overhead-bound victims), "loop" runs plain autograd one after another (faster for one candidate and for large
     # victims, see benchmarks/README.md), "auto" picks by candidate count and victim size.
@@ -189,135 +439,176 @@ class EngineSpec:
     compile: bool = False  # torch.compile the batched step (~1 min to compile, then ~2.5x faster on LeNet)
 
     def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.objective!r}; choose one of {sorted(OBJECTIVES)}")
+        for name, registry, what in ((self.objective, OBJECTIVES, "objective"),
+                                     (self.search_space, SEARCH_SPACES, "search space"),
+                                     (self.optimizer.name, OPTIMIZERS, "optimizer")):
+            if name not in registry:
+                raise ValueError(f"unknown {what} {name!r}; choose one of {sorted(registry)}")
         for name, _ in self.regularizers:
             if name not in REGULARIZERS:
                 raise ValueError(f"unknown regularizer {name!r}; choose one of {sorted(REGULARIZERS)}")
-        if self.optimizer.name not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer.name!r}; choose one of {sorted(OPTIMIZERS)}")
         if self.batching not in ("auto", "vmap", "loop"):
             raise ValueError(f"unknown batching {self.batching!r}; use auto, vmap or loop")
+        if self.group is not None and self.group.mode not in CONSENSUS:
+            raise ValueError(f"unknown group mode {self.group.mode!r}; choose one of {sorted(CONSENSUS)}")
 
 
 @dataclass
 class EngineResult:
     images: torch.Tensor  # [P, B, C, H, W] in [0, 1], best restart per problem
+    labels: torch.Tensor  # [P, B] labels of the chosen restart
     losses: torch.Tensor  # [P] matching loss of the chosen restart
     chosen_restart: torch.Tensor  # [P]
     trace: list[tuple[int, list[float]]]  # (iteration, best matching loss per problem)
     seconds: float
     iterations: int
+    evaluations: int  # gradient evaluations per candidate (L-BFGS takes several per iteration)
+    all_images: torch.Tensor | None = None  # [P, R, B, C, H, W] in [0, 1]
+
+
+def lazy_consensus(x: torch.Tensor) -> torch.Tensor:
+    """[P, R, B, C, H, W] -> the restart mean, for every restart."""
+    return x.mean(dim=1, keepdim=True).expand_as(x)
+
+
+def registered_consensus(x: torch.Tensor) -> torch.Tensor:
+    """Align every restart to the lazy mean (translation, kornia's ImageRegistrator), average the aligned restarts,
+    and warp that consensus back into each restart's own frame."""
+    from .registration import invert, register_translation, warp_translation
+
+    P, R, B = x.shape[:3]
+    flat = x.reshape(P * R * B, *x.shape[3:]).detach()
+    mean = x.mean(dim=1, keepdim=True).expand_as(x).reshape(P * R * B, *x.shape[3:]).detach()
+    to_mean = register_translation(flat, mean)  # warps each restart onto the mean
+    aligned = warp_translation(flat, to_mean).reshape(x.shape)
+    consensus = aligned.mean(dim=1, keepdim=True).expand_as(x).reshape(P * R * B, *x.shape[3:])
+    return warp_translation(consensus, invert(to_mean)).reshape(x.shape)
+
+
+CONSENSUS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"lazy": lazy_consensus,
+                                                                 "registered": registered_consensus}
 
 
 class AttackEngine:
+    VMAP_MAX_PARAMETERS = 1_000_000  # above this the victim is compute-bound and vmap stops paying off
+
     def __init__(self, spec: EngineSpec, device: torch.device | str = "cpu", seed: int = 0):
         self.spec = spec
         self.device = torch.device(device)
         self.seed = seed
 
-    VMAP_MAX_PARAMETERS = 1_000_000  # above this the victim is compute-bound and vmap stops paying off
-
     def _per_candidate(self, problem: InversionProblem, functional: bool = True) -> Callable:
         objective = OBJECTIVES[self.spec.objective]
+        space = SEARCH_SPACES[self.spec.search_space]
         regs = [(REGULARIZERS[name], weight) for name, weight in self.spec.regularizers if weight]
+        sim = problem.simulator
 
-        def loss(x: torch.Tensor, y: torch.Tensor, target: Tensors):
-            matching = objective(problem.simulator.update(x, y, functional), target)
+        def loss(variables: Tensors, y: torch.Tensor, target: Tensors, aux: Tensors, anchor: torch.Tensor):
+            x, y = space.decode(variables, y)
+            matching = objective(sim.update(x, y, functional), target)
             total = matching
+            ctx = CandidateContext(sim, aux, anchor)
             for reg, weight in regs:
-                total = total + weight * reg(x)
+                total = total + weight * reg(x, ctx)
             return total, matching
 
         return loss
 
     def _executors(self, problem: InversionProblem, candidates: int) -> tuple[Callable, Callable]:
-        """(step, score) over stacked candidates [P, R, ...]: step returns (gradients, matching losses)."""
+        """(step, score) over stacked candidates: step(vars, labels, targets, aux, anchors) returns
+        (totals [P, R], matching [P, R], grads); score returns matching."""
         batching = self.spec.batching
         if batching == "auto":
             small = problem.simulator.num_parameters <= self.VMAP_MAX_PARAMETERS
             batching = "vmap" if candidates > 1 and small else "loop"
         if batching == "vmap":
             per = self._per_candidate(problem, functional=True)
-            over_restarts = vmap(grad_and_value(per, has_aux=True), in_dims=(0, None, None))
-            batched = vmap(over_restarts, in_dims=(0, 0, 0))
+            inner = (0, None, None, None, 0)  # over restarts: variables and anchors vary
+            outer = (0, 0, 0, 0, 0)  # over problems: everything varies
+            batched = vmap(vmap(grad_and_value(per, has_aux=True), in_dims=inner), in_dims=outer)
             if self.spec.compile:
                 batched = torch.compile(batched)
+            scorer = vmap(vmap(per, in_dims=inner), in_dims=outer)
 
-            def step(x, labels, targets):
-                grads, (_, matching) = batched(x, labels, targets)
-                return grads, matching
+            def step(variables, labels, targets, aux, anchors):
+                grads, (totals, matching) = batched(variables, labels, targets, aux, anchors)
+                return totals, matching, grads
 
-            scorer = vmap(vmap(per, in_dims=(0, None, None)), in_dims=(0, 0, 0))
-
-            def score(x, labels, targets):
+            def score(variables, labels, targets, aux, anchors):
                 with torch.no_grad():
-                    return scorer(x, labels, targets)[1]
+                    return scorer(variables, labels, targets, aux, anchors)[1]
 
             return step, score
 
         per = self._per_candidate(problem, functional=False)
 
-        def each(x, labels, targets, with_grad: bool):
-            P, R = x.shape[:2]
-            grads = torch.zeros_like(x) if with_grad else None
-            matching = torch.empty(P, R, device=x.device)
+        def each(variables, labels, targets, aux, anchors, with_grad: bool):
+            first = next(iter(variables.values()))
+            P, R = first.shape[:2]
+            grads = {k: torch.zeros_like(v) for k, v in variables.items()} if with_grad else None
+            totals = torch.empty(P, R, device=first.device)
+            matching = torch.empty(P, R, device=first.device)
             for p in range(P):
                 target = {k: v[p] for k, v in targets.items()}
+                aux_p = {k: v[p] for k, v in aux.items()}
                 for r in range(R):
-                    candidate = x[p, r].detach().requires_grad_(True)
+                    cand = {k: v[p, r].detach().requires_grad_(True) for k, v in variables.items()}
                     with torch.enable_grad():
-                        total, match = per(candidate, labels[p], target)
+                        total, match = per(cand, labels[p], target, aux_p, anchors[p, r])
                         if with_grad:
-                            grads[p, r] = torch.autograd.grad(total, candidate)[0]
-                    matching[p, r] = match.detach()
-            return grads, matching
+                            g = torch.autograd.grad(total, list(cand.values()))
+                            for k, gk in zip(cand, g):
+                                grads[k][p, r] = gk
+                    totals[p, r], matching[p, r] = total.detach(), match.detach()
+            return totals, matching, grads
 
-        return (lambda x, labels, targets: each(x, labels, targets, True),
-                lambda x, labels, targets: each(x, labels, targets, False)[1])
-
-    def _init(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-        if self.spec.init == "randn":
-            return torch.randn(shape, generator=generator)
-        if self.spec.init == "rand":
-            return torch.rand(shape, generator=generator) * 2 - 1
-        if self.spec.init == "zeros":
-            return torch.zeros(shape)
-        raise ValueError(f"unknown init {self.spec.init!r}; use randn, rand or zeros")
+        return (lambda *a: each(*a, with_grad=True), lambda *a: each(*a, with_grad=False)[1])
 
     def run(self, problem: InversionProblem) -> EngineResult:
         spec, dev = self.spec, self.device
-        P, B, R = problem.num_problems, problem.batch_size, spec.restarts
+        P, R = problem.num_problems, spec.restarts
+        space = SEARCH_SPACES[spec.search_space]
         generator = torch.Generator().manual_seed(self.seed)
-        x = self._init((P, R, B, *problem.image_shape), generator).to(dev).requires_grad_(True)
+        variables = {k: v.to(dev).requires_grad_(True) for k, v in space.init(problem, P, R, spec.init, generator).items()}
         labels = problem.labels.to(dev)
         targets = {k: v.to(dev) for k, v in problem.targets.items()}
+        aux = {k: v.to(dev) for k, v in problem.aux.items()} or {"_": torch.zeros(P, device=dev)}
+        anchors = torch.zeros_like(variables["x"])
 
         mean = torch.tensor(problem.mean, device=dev).view(-1, 1, 1)
         std = torch.tensor(problem.std, device=dev).view(-1, 1, 1)
         low, high = (0 - mean) / std, (1 - mean) / std
 
         step_fn, score_fn = self._executors(problem, P * R)
-        optimizer = OPTIMIZERS[spec.optimizer.name](x, spec.optimizer, spec.iterations)
+        optimizer = OPTIMIZERS[spec.optimizer.name](variables, spec.optimizer, spec.iterations)
+
+        def closure():
+            detached = {k: v.detach() for k, v in variables.items()}
+            return step_fn(detached, labels, targets, aux, anchors)
 
         trace: list[tuple[int, torch.Tensor]] = []
         start = time.perf_counter()
         for it in range(spec.iterations):
-            grads, matching = step_fn(x.detach(), labels, targets)
-            optimizer.step(grads)
-            with torch.no_grad():
-                if spec.boxed:
-                    x.data = torch.maximum(torch.minimum(x, high), low)
+            if spec.group is not None and it >= spec.group.start and (it - spec.group.start) % spec.group.every == 0:
+                anchors = CONSENSUS[spec.group.mode](variables["x"].detach())
+            matching = optimizer.step(closure)
+            if spec.boxed:
+                with torch.no_grad():
+                    variables["x"].data = torch.maximum(torch.minimum(variables["x"], high), low)
             if spec.trace_every and (it + 1) % spec.trace_every == 0:
                 trace.append((it + 1, matching.detach().clone()))
 
         # Score the final candidates (the loop's losses lag one step behind the last update).
-        matching = score_fn(x.detach(), labels, targets)
+        final = {k: v.detach() for k, v in variables.items()}
+        matching = score_fn(final, labels, targets, aux, anchors)
         seconds = time.perf_counter() - start
         scores = torch.where(torch.isfinite(matching), matching, torch.full_like(matching, math.inf))
         chosen = scores.argmin(dim=1)
-        best = x.detach()[torch.arange(P, device=dev), chosen]
-        images = (best * std + mean).clamp(0, 1).cpu()
-        losses = scores[torch.arange(P, device=dev), chosen].cpu()
+        rows = torch.arange(P, device=dev)
+        all_images = (final["x"] * std + mean).clamp(0, 1)
+        out_labels = space.labels_out(final, labels)[rows, chosen]
         trace_rows = [(it, torch.nan_to_num(m, nan=math.inf).min(dim=1).values.cpu().tolist()) for it, m in trace]
-        return EngineResult(images, losses, chosen.cpu(), trace_rows, seconds, spec.iterations)
+        return EngineResult(images=all_images[rows, chosen].cpu(), labels=out_labels.cpu(),
+                            losses=scores[rows, chosen].cpu(), chosen_restart=chosen.cpu(), trace=trace_rows,
+                            seconds=seconds, iterations=spec.iterations, evaluations=optimizer.evaluations,
+                            all_images=all_images.cpu())

@@ -47,8 +47,10 @@ def test_vmap_and_loop_paths_give_the_gradients_of_hand_written_autograd():
         InversionProblem(sim, targets, labels, (3, 32, 32), (0.5,) * 3, (0.5,) * 3), 6)
     loop_step, _ = AttackEngine(EngineSpec(batching="loop", restarts=3))._executors(
         InversionProblem(sim, targets, labels, (3, 32, 32), (0.5,) * 3, (0.5,) * 3), 6)
-    grads, matching = vmap_step(x, labels, targets)
-    loop_grads, loop_matching = loop_step(x, labels, targets)
+    aux, anchors = {"_": torch.zeros(2)}, torch.zeros_like(x)
+    _, matching, grads = vmap_step({"x": x}, labels, targets, aux, anchors)
+    _, loop_matching, loop_grads = loop_step({"x": x}, labels, targets, aux, anchors)
+    grads, loop_grads = grads["x"], loop_grads["x"]
     assert torch.allclose(grads, loop_grads, atol=1e-5, rtol=1e-4)
     assert torch.allclose(matching, loop_matching, atol=1e-6)
     for p in range(2):
