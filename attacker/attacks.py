@@ -11,9 +11,10 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from fedsim.models import build_model
+from fedsim.registry import Registered, build_from_spec
 from fedsim.training import TrainConfig, step_schedule
 
 from .engine import AttackEngine, EngineSpec, InversionProblem, OptimizerSpec, VictimSimulator
@@ -41,14 +42,8 @@ def attacker_labels(observed: ObservedUpdate, threat: ThreatModel) -> tuple[np.n
     return labels, threat.label_method
 
 
-class Attack(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    name: ClassVar[str]
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if "name" in cls.__dict__:
-            ATTACKS[cls.name] = cls
+class Attack(Registered):
+    registry: ClassVar[dict[str, type]] = ATTACKS
 
     def reconstruct_many(self, observed: list[ObservedUpdate], threat: ThreatModel, *, device: str = "cpu",
                          seed: int = 0) -> list[Reconstruction]:
@@ -144,8 +139,4 @@ class InvertingGradients(OptimizationAttack):
 
 def build_attack(spec: dict) -> Attack:
     """Construct an attack from ``{"name": ..., **params}``; raises ValueError naming the bad key."""
-    spec = dict(spec)
-    name = spec.pop("name", None)
-    if name not in ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)}")
-    return ATTACKS[name](**spec)
+    return build_from_spec(ATTACKS, spec, "attack")

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, replace_all_batch_norm_modules_, vmap
 
+from fedsim.registry import lookup, register
+
 Tensors = dict[str, torch.Tensor]
 
 # ------------------------------------------------------------------------------------------------------------
@@ -116,14 +118,6 @@ class VictimSimulator:
 
 # ------------------------------------------------------------------------------------------------------------
 # Registries of parts
-
-
-def register(registry: dict, name: str):
-    def wrap(fn):
-        registry[name] = fn
-        return fn
-
-    return wrap
 
 
 Objective = Callable[[Tensors, Tensors], torch.Tensor]
@@ -439,14 +433,11 @@ class EngineSpec:
     compile: bool = False  # torch.compile the batched step (~1 min to compile, then ~2.5x faster on LeNet)
 
     def __post_init__(self):
-        for name, registry, what in ((self.objective, OBJECTIVES, "objective"),
-                                     (self.search_space, SEARCH_SPACES, "search space"),
-                                     (self.optimizer.name, OPTIMIZERS, "optimizer")):
-            if name not in registry:
-                raise ValueError(f"unknown {what} {name!r}; choose one of {sorted(registry)}")
+        lookup(OBJECTIVES, self.objective, "objective")
+        lookup(SEARCH_SPACES, self.search_space, "search space")
+        lookup(OPTIMIZERS, self.optimizer.name, "optimizer")
         for name, _ in self.regularizers:
-            if name not in REGULARIZERS:
-                raise ValueError(f"unknown regularizer {name!r}; choose one of {sorted(REGULARIZERS)}")
+            lookup(REGULARIZERS, name, "regularizer")
         if self.batching not in ("auto", "vmap", "loop"):
             raise ValueError(f"unknown batching {self.batching!r}; use auto, vmap or loop")
         if self.group is not None and self.group.mode not in CONSENSUS:

@@ -12,16 +12,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from fedsim.registry import lookup, register
+
 LabelMethod = Callable[[torch.Tensor, torch.Tensor | None, int], torch.Tensor]
 LABEL_METHODS: dict[str, LabelMethod] = {}
 
 
 def register_label_method(name: str) -> Callable[[LabelMethod], LabelMethod]:
-    def wrap(fn: LabelMethod) -> LabelMethod:
-        LABEL_METHODS[name] = fn
-        return fn
-
-    return wrap
+    return register(LABEL_METHODS, name)
 
 
 @register_label_method("idlg")
@@ -61,8 +59,7 @@ def last_linear(update: dict[str, np.ndarray], num_classes: int) -> tuple[str, s
 
 def recover_labels(update: dict[str, np.ndarray], num_classes: int, num_images: int, method: str = "auto") -> np.ndarray:
     """Recover ``num_images`` labels from a parameter update (new minus old weights) with a registered method."""
-    if method not in LABEL_METHODS:
-        raise ValueError(f"unknown label method {method!r}; choose one of {sorted(LABEL_METHODS)}")
+    lookup(LABEL_METHODS, method, "label method")
     w_key, b_key = last_linear(update, num_classes)
     weight_grad = -torch.as_tensor(update[w_key], dtype=torch.float64)
     bias_grad = -torch.as_tensor(update[b_key], dtype=torch.float64) if b_key else None

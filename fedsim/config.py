@@ -9,16 +9,33 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from attacker.attacks import build_attack
 from attacker.records import ThreatModel
 
 from .defenses import build_defense
 from .models import MODELS
+from .registry import lookup
 from .training import TrainConfig
+
+
+def registered(registry: Callable[[], dict], kind: str) -> AfterValidator:
+    """A validator that accepts only names in ``registry()`` (looked up late: plugins may register after import)."""
+
+    def check(value: str) -> str:
+        lookup(registry(), value, kind)
+        return value
+
+    return AfterValidator(check)
+
+
+def _label_methods() -> dict:
+    from attacker.labels import LABEL_METHODS
+
+    return LABEL_METHODS
 
 
 class ConfigError(ValueError):
@@ -53,16 +70,9 @@ class FederationConfig(Section):
 
 
 class ModelConfig(Section):
-    name: str = "lenet_zhu"
+    name: Annotated[str, registered(lambda: MODELS, "model")] = "lenet_zhu"
     width: int = Field(default=64, ge=1)  # convnet / resnet18 base width
     checkpoint: str | None = None  # a state dict saved by `fedsim train-victim` (loaded with weights_only=True)
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in MODELS:
-            raise ValueError(f"unknown model {v!r}; choose one of {sorted(MODELS)}")
-        return v
 
 
 class ClientConfig(Section):
@@ -83,19 +93,10 @@ class ClientConfig(Section):
 
 class ThreatConfig(Section):
     labels: Literal["known", "recovered"] = "recovered"
-    label_method: str = "auto"
+    label_method: Annotated[str, registered(_label_methods, "label method")] = "auto"
     bn_stats_shared: bool | None = None  # derived from the defense pipeline (share_bn_stats) when unset
     hyperparameters_known: bool = True
     secure_aggregation: bool = False
-
-    @field_validator("label_method")
-    @classmethod
-    def _method(cls, v: str) -> str:
-        from attacker.labels import LABEL_METHODS
-
-        if v not in LABEL_METHODS:
-            raise ValueError(f"unknown label method {v!r}; choose one of {sorted(LABEL_METHODS)}")
-        return v
 
 
 class AttackSettings(Section):
@@ -129,18 +130,12 @@ class ExperimentConfig(Section):
     attacks: list[dict[str, Any]] = Field(default_factory=list)  # [{name = "inverting_gradients", ...}, ...]
     ray: RayConfig = Field(default_factory=RayConfig)
 
-    @field_validator("defenses")
+    @field_validator("defenses", "attacks")
     @classmethod
-    def _defenses(cls, specs):
+    def _buildable(cls, specs, info):
+        build = build_defense if info.field_name == "defenses" else build_attack
         for i, spec in enumerate(specs):
-            _construct(build_defense, spec, f"defenses.{i}")
-        return specs
-
-    @field_validator("attacks")
-    @classmethod
-    def _attacks(cls, specs):
-        for i, spec in enumerate(specs):
-            _construct(build_attack, spec, f"attacks.{i}")
+            _construct(build, spec, f"{info.field_name}.{i}")
         return specs
 
     @model_validator(mode="after")

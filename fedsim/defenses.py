@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from .registry import Registered, build_from_spec
 
 DEFENSES: dict[str, type["Defense"]] = {}
 
@@ -27,14 +29,8 @@ class DefenseContext:
     shared: dict[str, object] = field(default_factory=dict)  # extras the client will send, filled by defenses
 
 
-class Defense(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    name: ClassVar[str]
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if "name" in cls.__dict__:
-            DEFENSES[cls.name] = cls
+class Defense(Registered):
+    registry: ClassVar[dict[str, type]] = DEFENSES
 
     def apply(self, update: dict[str, torch.Tensor], ctx: DefenseContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -95,11 +91,7 @@ class ShareBNStats(Defense):
 
 def build_defense(spec: dict) -> Defense:
     """Construct a defense from ``{"name": ..., **params}``; raises ValueError naming the bad key."""
-    spec = dict(spec)
-    name = spec.pop("name", None)
-    if name not in DEFENSES:
-        raise ValueError(f"unknown defense {name!r}; choose one of {sorted(DEFENSES)}")
-    return DEFENSES[name](**spec)
+    return build_from_spec(DEFENSES, spec, "defense")
 
 
 def apply_pipeline(defenses: list[Defense], update: dict[str, torch.Tensor], ctx: DefenseContext) -> dict[str, torch.Tensor]:

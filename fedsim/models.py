@@ -10,16 +10,14 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+from .registry import lookup, register
+
 ModelFactory = Callable[..., nn.Module]
 MODELS: dict[str, ModelFactory] = {}
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
-    def wrap(factory: ModelFactory) -> ModelFactory:
-        MODELS[name] = factory
-        return factory
-
-    return wrap
+    return register(MODELS, name)
 
 
 class LeNetZhu(nn.Module):
@@ -150,11 +148,10 @@ def build_model(
     checkpoint: str | Path | None = None,
 ) -> nn.Module:
     """Build a registered victim with seeded init, optionally loading a checkpoint (tensors only)."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    factory = lookup(MODELS, name, "model")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MODELS[name](num_classes=num_classes, image_size=image_size, width=width)
+        model = factory(num_classes=num_classes, image_size=image_size, width=width)
     if checkpoint:
         path = Path(checkpoint)
         if not path.is_file():
