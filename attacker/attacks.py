@@ -13,12 +13,14 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from fedsim.data import denormalize
 from fedsim.models import build_model
 from fedsim.registry import Registered, build_from_spec
 from fedsim.training import TrainConfig, step_schedule
 
-from .engine import AttackEngine, EngineSpec, InversionProblem, OptimizerSpec, VictimSimulator
-from .labels import recover_labels
+from .analytic import first_layer_is_linear, linear_layers, recover_layer_input
+from .engine import AttackEngine, EngineSpec, GroupSpec, InversionProblem, OptimizerSpec, VictimSimulator
+from .labels import model_probe, recover_labels
 from .records import ObservedUpdate, Reconstruction, ThreatModel
 
 ATTACKS: dict[str, type["Attack"]] = {}
@@ -33,13 +35,40 @@ def attacker_train_config(observed: ObservedUpdate, threat: ThreatModel) -> Trai
     return TrainConfig(mode="fedsgd", lr=sent.lr, num_samples=observed.num_examples, batch_size=observed.num_examples)
 
 
-def attacker_labels(observed: ObservedUpdate, threat: ThreatModel) -> tuple[np.ndarray, str]:
+def public_model(observed: ObservedUpdate) -> torch.nn.Module:
+    """The model the server sent this round, rebuilt from the public architecture and weights."""
+    spec = observed.model
+    model = build_model(spec.name, spec.num_classes, image_size=spec.image_shape[1], width=spec.width)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in observed.global_state.items()}, strict=False)
+    return model
+
+
+def recover_with(method: str, observed: ObservedUpdate, cfg: TrainConfig, model: torch.nn.Module) -> np.ndarray:
+    return recover_labels(observed.update, observed.model.num_classes, observed.num_examples, method, lr=cfg.lr,
+                          steps=len(step_schedule(cfg)), probe=model_probe(model, observed.model.image_shape))
+
+
+def attacker_labels(observed: ObservedUpdate, threat: ThreatModel, cfg: TrainConfig,
+                    model: torch.nn.Module) -> tuple[np.ndarray, str]:
     if threat.labels == "known":
         if "labels" not in observed.shared:
             raise ValueError("threat model says labels are known but the client shared none")
         return np.asarray(observed.shared["labels"], dtype=np.int64), "known"
-    labels = recover_labels(observed.update, observed.model.num_classes, observed.num_examples, threat.label_method)
-    return labels, threat.label_method
+    return recover_with(threat.label_method, observed, cfg, model), threat.label_method
+
+
+def label_candidates(observed: ObservedUpdate, threat: ThreatModel) -> dict[str, np.ndarray]:
+    """Every applicable label-recovery method's answer, so the leakage table can score each of them."""
+    cfg = attacker_train_config(observed, threat)
+    model = public_model(observed)
+    methods = ["idlg"] if observed.num_examples == 1 else []
+    out = {}
+    for method in methods + ["yin", "count"]:
+        try:
+            out[method] = recover_with(method, observed, cfg, model)
+        except ValueError:  # e.g. no classifier bias and no feature statistics
+            continue
+    return out
 
 
 class Attack(Registered):
@@ -88,19 +117,18 @@ class OptimizationAttack(Attack):
         """Per-update extras the regularisers need, stacked [P, ...] (none by default)."""
         return {}
 
-    def labels_for(self, observed: ObservedUpdate, threat: ThreatModel) -> tuple[np.ndarray, str]:
-        return attacker_labels(observed, threat)
+    def labels_for(self, observed: ObservedUpdate, threat: ThreatModel, cfg: TrainConfig,
+                   model: torch.nn.Module) -> tuple[np.ndarray, str]:
+        return attacker_labels(observed, threat, cfg, model)
 
     def _run(self, observed: list[ObservedUpdate], threat: ThreatModel, cfg: TrainConfig, device: str,
              seed: int) -> list[Reconstruction]:
         t0 = time.perf_counter()
         first = observed[0]
         spec = first.model
-        model = build_model(spec.name, spec.num_classes, image_size=spec.image_shape[1], width=spec.width)
-        state = {k: torch.from_numpy(np.asarray(v)) for k, v in first.global_state.items()}
-        model.load_state_dict(state, strict=False)
+        model = public_model(first)
         simulator = VictimSimulator(model, step_schedule(cfg), cfg.lr, device)
-        label_sets = [self.labels_for(obs, threat) for obs in observed]
+        label_sets = [self.labels_for(obs, threat, cfg, model) for obs in observed]
         targets = {k: torch.stack([torch.from_numpy(np.asarray(obs.update[k], dtype=np.float32)) for obs in observed])
                    for k in simulator.params}
         problem = InversionProblem(simulator, targets, torch.from_numpy(np.stack([l for l, _ in label_sets])),
@@ -121,20 +149,139 @@ class OptimizationAttack(Attack):
         ]
 
 
+def analytic_features(observed: list[ObservedUpdate], simulator: VictimSimulator) -> torch.Tensor:
+    """[P, B, F]: the classifier's input recovered analytically from each update (NaN where B > 1, where the
+    formula only gives a mixture)."""
+    layer = simulator.feature_layer
+    rows = []
+    for obs in observed:
+        feats = recover_layer_input(obs.update, layer).float()
+        rows.append(feats[None].expand(obs.num_examples, -1) if obs.num_examples == 1
+                    else torch.full((obs.num_examples, feats.numel()), float("nan")))
+    return torch.stack(rows)
+
+
 class InvertingGradients(OptimizationAttack):
     """Geiping et al. 2020: 1 - cosine matching of the whole update plus TV, Adam on signed gradients, step decay
-    at 3/8, 5/8 and 7/8 of the budget, pixels boxed to the valid range, the best restart by matching loss."""
+    at 3/8, 5/8 and 7/8 of the budget, pixels boxed to the valid range, the best restart by matching loss.
+    ``features > 0`` adds matching of the classifier's input recovered analytically from the update."""
 
     name: ClassVar[str] = "inverting_gradients"
     tv: float = Field(default=1e-2, ge=0)
+    features: float = Field(default=0.0, ge=0)
     objective: str = "cosine"
     init: str = "randn"
 
     def engine_spec(self) -> EngineSpec:
-        return EngineSpec(objective=self.objective, regularizers=(("tv", self.tv),),
+        regs = (("tv", self.tv),) + ((("features", self.features),) if self.features else ())
+        return EngineSpec(objective=self.objective, regularizers=regs,
                           optimizer=OptimizerSpec(name="signed_adam", lr=self.lr), iterations=self.iterations,
                           restarts=self.restarts, boxed=True, init=self.init, trace_every=self.trace_every,
                           batching=self.batching, compile=self.compile)
+
+    def side_information(self, observed, simulator, threat):
+        return {"features": analytic_features(observed, simulator)} if self.features else {}
+
+
+class DeepLeakage(OptimizationAttack):
+    """DLG (Zhu et al. 2019): squared L2 distance of the updates, L-BFGS (no line search, ``max_iter`` gradient
+    evaluations per step), dummy labels optimised jointly as soft labels (``labels="joint"``) or taken from the
+    threat model's label recovery (``labels="recovered"``, iDLG when the batch is one image)."""
+
+    name: ClassVar[str] = "dlg"
+    iterations: int = Field(default=300, ge=1)
+    lr: float = Field(default=1.0, gt=0)
+    max_iter: int = Field(default=20, ge=1)
+    history_size: int = Field(default=100, ge=1)
+    labels: Literal["joint", "recovered"] = "joint"
+    objective: str = "l2"
+    tv: float = Field(default=0.0, ge=0)
+
+    def engine_spec(self) -> EngineSpec:
+        return EngineSpec(objective=self.objective, regularizers=(("tv", self.tv),),
+                          search_space="pixels_and_labels" if self.labels == "joint" else "pixels",
+                          optimizer=OptimizerSpec(name="lbfgs", lr=self.lr, max_iter=self.max_iter,
+                                                  history_size=self.history_size),
+                          iterations=self.iterations, restarts=self.restarts, boxed=False, init="randn",
+                          trace_every=self.trace_every, batching=self.batching, compile=self.compile)
+
+
+class GradInversion(OptimizationAttack):
+    """Yin et al. 2021: L2 matching + BatchNorm fidelity + image prior (TV, L2) + group consistency.
+
+    BN targets (``bn_source``): ``shared`` (the batch statistics clients send; needs share_bn_stats), ``running``
+    (the global model's running statistics, a proxy the server always has), ``auto`` (shared if the threat model
+    says so, else running). Group consistency (``group``): restarts pulled every ``group_every`` iterations toward
+    their mean (``lazy``) or toward the mean after aligning each restart to it by translation (``registered``)."""
+
+    name: ClassVar[str] = "gradinversion"
+    iterations: int = Field(default=2400, ge=1)
+    restarts: int = Field(default=4, ge=1)
+    lr: float = Field(default=0.1, gt=0)
+    objective: str = "l2"
+    tv: float = Field(default=1e-4, ge=0)
+    l2: float = Field(default=1e-6, ge=0)
+    bn: float = Field(default=1e-2, ge=0)
+    bn_source: Literal["auto", "shared", "running"] = "auto"
+    group: Literal["none", "lazy", "registered"] = "none"
+    group_weight: float = Field(default=1e-2, ge=0)
+    group_every: int = Field(default=100, ge=1)
+    group_start: int = Field(default=0, ge=0)
+    signed: bool = True
+
+    def engine_spec(self) -> EngineSpec:
+        regs = [("tv", self.tv), ("l2", self.l2), ("bn", self.bn)]
+        group = None
+        if self.group != "none":
+            regs.append(("group", self.group_weight))
+            group = GroupSpec(mode=self.group, every=self.group_every, start=self.group_start)
+        return EngineSpec(objective=self.objective, regularizers=tuple(regs),
+                          optimizer=OptimizerSpec(name="signed_adam" if self.signed else "adam", lr=self.lr),
+                          iterations=self.iterations, restarts=self.restarts, boxed=True, init="randn",
+                          trace_every=self.trace_every, group=group, batching=self.batching, compile=self.compile)
+
+    def side_information(self, observed, simulator, threat):
+        if not self.bn or not simulator.bn_layers:
+            return {}
+        source = self.bn_source
+        if source == "auto":
+            source = "shared" if threat.bn_stats_shared else "running"
+        aux: dict[str, list] = {}
+        for obs in observed:
+            for i, layer in enumerate(simulator.bn_layers):
+                if source == "shared":
+                    if "bn_stats" not in obs.shared:
+                        raise ValueError("bn_source=shared but the clients share no BatchNorm statistics")
+                    mean, var = obs.shared["bn_stats"][layer]
+                else:
+                    mean, var = obs.global_state[f"{layer}.running_mean"], obs.global_state[f"{layer}.running_var"]
+                aux.setdefault(f"bn.mean.{i}", []).append(torch.as_tensor(np.asarray(mean), dtype=torch.float32))
+                aux.setdefault(f"bn.var.{i}", []).append(torch.as_tensor(np.asarray(var), dtype=torch.float32))
+        return {k: torch.stack(v) for k, v in aux.items()}
+
+
+class AnalyticRecovery(Attack):
+    """Geiping et al. Prop. 3.1 on the first layer of a network that starts fully connected: the image itself
+    (exact for one image per update; a mixture for larger batches). Labels follow the threat model."""
+
+    name: ClassVar[str] = "analytic"
+
+    def reconstruct_many(self, observed, threat, *, device="cpu", seed=0):
+        out = []
+        for obs in observed:
+            t0 = time.perf_counter()
+            model = public_model(obs)
+            if not first_layer_is_linear(model):
+                raise ValueError(f"analytic recovery needs a model that starts fully connected, not {obs.model.name}")
+            cfg = attacker_train_config(obs, threat)
+            labels, method = attacker_labels(obs, threat, cfg, model)
+            x = recover_layer_input(obs.update, linear_layers(model)[0]).float()
+            mean, std = obs.normalization
+            image = denormalize(x.view(1, *obs.model.image_shape), mean, std).clamp(0, 1)
+            images = image.expand(obs.num_examples, -1, -1, -1).numpy().copy()
+            out.append(Reconstruction(self.name, images, labels, method, loss=0.0, seconds=time.perf_counter() - t0,
+                                      iterations=0, restarts=1))
+        return out
 
 
 def build_attack(spec: dict) -> Attack:

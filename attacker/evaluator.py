@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .metrics import score
+from .metrics import label_accuracy, score
 from .records import AuditRecord, LeakageRecord, ObservedUpdate, Reconstruction
 
 GroundTruth = Callable[[list[int]], tuple[torch.Tensor, np.ndarray | None]]
@@ -55,6 +55,9 @@ class LeakageEvaluator:
             for key, value in scores.summary().items():
                 setattr(row, key, value)
             row.label_method = outcome.label_method
+            for method, labels in outcome.extra.get("label_candidates", {}).items():
+                if hasattr(row, f"label_acc_{method}"):
+                    setattr(row, f"label_acc_{method}", label_accuracy(np.asarray(labels), gt_labels))
             row.matching_loss = outcome.loss
             row.attack_seconds = outcome.seconds
             row.iterations = outcome.iterations

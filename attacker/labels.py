@@ -1,12 +1,15 @@
 """Label recovery from the last fully connected layer of an observed update (analytic, no optimisation).
 
-For softmax cross-entropy, the gradient of the logit bias is ``p - y`` per sample and the weight gradient row of
-class ``c`` is ``sum_n (p_nc - y_nc) h_n``. Rows of the classes present carry the negative ``-y`` mass. A weight
-*update* is ``-lr * gradient``, so its sign is flipped back first.
+For softmax cross-entropy, the gradient of the logit bias averaged over a batch is ``mean_n (p_n - y_n)`` and the
+weight gradient row of class ``c`` is ``mean_n (p_nc - y_nc) h_n`` (``h_n``: the classifier's input features). Rows
+of the classes present carry the negative ``-y`` mass. A weight *update* is ``-lr`` times the sum of the local step
+gradients, so the sign is flipped back and the scale divided out first (:func:`label_evidence`).
 """
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -14,7 +17,17 @@ import torch
 
 from fedsim.registry import lookup, register
 
-LabelMethod = Callable[[torch.Tensor, torch.Tensor | None, int], torch.Tensor]
+
+@dataclass
+class LabelEvidence:
+    weight_grad: torch.Tensor  # [classes, features]: mean per-step gradient of the classifier weight
+    bias_grad: torch.Tensor | None  # [classes]
+    num_images: int
+    mean_probs: torch.Tensor | None = None  # [classes]: the public model's mean softmax on probe inputs
+    mean_feature_sum: float | None = None  # mean over probe inputs of sum_j h_j
+
+
+LabelMethod = Callable[[LabelEvidence], torch.Tensor]
 LABEL_METHODS: dict[str, LabelMethod] = {}
 
 
@@ -23,28 +36,53 @@ def register_label_method(name: str) -> Callable[[LabelMethod], LabelMethod]:
 
 
 @register_label_method("idlg")
-def idlg(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None, num_images: int) -> torch.Tensor:
+def idlg(ev: LabelEvidence) -> torch.Tensor:
     """iDLG (Zhao et al. 2020), one image: the only class whose weight-gradient row sums negative."""
-    if num_images != 1:
-        raise ValueError(f"idlg recovers the label of one image, not {num_images}")
-    return weight_grad.sum(dim=1).argmin().view(1)
+    if ev.num_images != 1:
+        raise ValueError(f"idlg recovers the label of one image, not {ev.num_images}")
+    return ev.weight_grad.sum(dim=1).argmin().view(1)
 
 
 @register_label_method("yin")
-def yin(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None, num_images: int) -> torch.Tensor:
+def yin(ev: LabelEvidence) -> torch.Tensor:
     """Yin et al. 2021 (GradInversion), distinct labels: the ``num_images`` rows with the smallest minima."""
-    row_min = weight_grad.min(dim=1).values
-    k = min(num_images, weight_grad.shape[0])
+    row_min = ev.weight_grad.min(dim=1).values
+    k = min(ev.num_images, ev.weight_grad.shape[0])
     chosen = row_min.topk(k, largest=False).indices
-    if k < num_images:  # more images than classes: repeat the strongest candidates
-        chosen = chosen.repeat(-(-num_images // k))[:num_images]
+    if k < ev.num_images:  # more images than classes: repeat the strongest candidates
+        chosen = chosen.repeat(-(-ev.num_images // k))[: ev.num_images]
     return chosen.sort().values
 
 
+@register_label_method("count")
+def count(ev: LabelEvidence) -> torch.Tensor:
+    """Counts for repeated labels (bias-corrected, after Geng et al. 2021): ``n_c = B (p_c - g_c)`` with ``g_c``
+    the mean bias gradient and ``p_c`` the model's mean prediction estimated on probe inputs; without a bias the
+    weight rows' sums divided by the mean feature sum stand in for ``g_c``. Counts are rounded by largest
+    remainder so they sum to the batch size."""
+    if ev.mean_probs is None:
+        raise ValueError("count needs the public model's mean prediction (mean_probs)")
+    if ev.bias_grad is not None:
+        g = ev.bias_grad
+    else:
+        if not ev.mean_feature_sum:
+            raise ValueError("count without a classifier bias needs mean_feature_sum")
+        g = ev.weight_grad.sum(dim=1) / ev.mean_feature_sum
+    estimate = (ev.num_images * (ev.mean_probs.to(g) - g)).clamp_min(0)
+    if float(estimate.sum()) <= 0:
+        estimate = (-g).clamp_min(0) + 1e-12
+    estimate = estimate * (ev.num_images / estimate.sum())
+    counts = estimate.floor().long()
+    missing = ev.num_images - int(counts.sum())
+    if missing > 0:
+        counts[(estimate - counts).topk(missing).indices] += 1
+    return torch.repeat_interleave(torch.arange(len(counts)), counts)
+
+
 @register_label_method("auto")
-def auto(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None, num_images: int) -> torch.Tensor:
+def auto(ev: LabelEvidence) -> torch.Tensor:
     """iDLG for a single image, Yin's row minima for a batch."""
-    return (idlg if num_images == 1 else yin)(weight_grad, bias_grad, num_images)
+    return (idlg if ev.num_images == 1 else yin)(ev)
 
 
 def last_linear(update: dict[str, np.ndarray], num_classes: int) -> tuple[str, str | None]:
@@ -57,10 +95,39 @@ def last_linear(update: dict[str, np.ndarray], num_classes: int) -> tuple[str, s
     raise ValueError("the update has no fully connected layer with one row per class")
 
 
-def recover_labels(update: dict[str, np.ndarray], num_classes: int, num_images: int, method: str = "auto") -> np.ndarray:
-    """Recover ``num_images`` labels from a parameter update (new minus old weights) with a registered method."""
-    lookup(LABEL_METHODS, method, "label method")
+def label_evidence(update: dict[str, np.ndarray], num_classes: int, num_images: int, *, lr: float = 1.0,
+                   steps: int = 1, probe: Callable[[], tuple[torch.Tensor, float]] | None = None) -> LabelEvidence:
+    """Evidence from a parameter update (new minus old weights) of ``steps`` SGD steps at rate ``lr``."""
     w_key, b_key = last_linear(update, num_classes)
-    weight_grad = -torch.as_tensor(update[w_key], dtype=torch.float64)
-    bias_grad = -torch.as_tensor(update[b_key], dtype=torch.float64) if b_key else None
-    return LABEL_METHODS[method](weight_grad, bias_grad, num_images).numpy().astype(np.int64)
+    scale = -1.0 / (lr * steps)
+    weight_grad = scale * torch.as_tensor(update[w_key], dtype=torch.float64)
+    bias_grad = scale * torch.as_tensor(update[b_key], dtype=torch.float64) if b_key else None
+    mean_probs, feature_sum = probe() if probe is not None else (None, None)
+    return LabelEvidence(weight_grad, bias_grad, num_images, mean_probs, feature_sum)
+
+
+def recover_labels(update: dict[str, np.ndarray], num_classes: int, num_images: int, method: str = "auto", *,
+                   lr: float = 1.0, steps: int = 1,
+                   probe: Callable[[], tuple[torch.Tensor, float]] | None = None) -> np.ndarray:
+    """Recover ``num_images`` labels from a parameter update with a registered method."""
+    fn = lookup(LABEL_METHODS, method, "label method")
+    ev = label_evidence(update, num_classes, num_images, lr=lr, steps=steps, probe=probe)
+    return fn(ev).numpy().astype(np.int64)
+
+
+def model_probe(model: torch.nn.Module, image_shape: tuple[int, int, int], samples: int = 64,
+                seed: int = 0) -> Callable[[], tuple[torch.Tensor, float]]:
+    """A lazy probe of the public model on Gaussian inputs (in normalised space): mean softmax and mean feature sum
+    entering the classifier (the last Linear layer)."""
+
+    def run() -> tuple[torch.Tensor, float]:
+        probe_model = copy.deepcopy(model).train()  # train mode like the client; the copy keeps BN buffers intact
+        linear = [m for m in probe_model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        captured: list = []
+        linear.register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0]))
+        x = torch.randn(samples, *image_shape, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            probs = probe_model(x).softmax(-1).mean(0).double()
+        return probs, float(captured[0].sum(dim=1).mean())
+
+    return run

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from .attacks import Attack, build_attack
+from .attacks import Attack, build_attack, label_candidates
 from .records import ObservedUpdate, Reconstruction, ThreatModel
 
 Outcome = Reconstruction | BaseException
@@ -34,10 +34,13 @@ class AttackWorker:
     def run(self, observed: list[ObservedUpdate]) -> list[tuple[int, str, Outcome]]:
         """(index into ``observed``, attack name, reconstruction or the exception it raised)."""
         out: list[tuple[int, str, Outcome]] = []
+        candidates = [label_candidates(obs, self.threat) for obs in observed]
         for attack in self.attacks:
             seed = self.seed + 1000 * observed[0].round
             try:
                 recs = attack.reconstruct_many(observed, self.threat, device=self.device, seed=seed)
+                for i, rec in enumerate(recs):
+                    rec.extra.setdefault("label_candidates", candidates[i])
                 out += [(i, attack.name, rec) for i, rec in enumerate(recs)]
             except Exception as err:  # noqa: BLE001 - a failing attack becomes error rows, the others still run
                 out += [(i, attack.name, err) for i in range(len(observed))]

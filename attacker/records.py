@@ -98,6 +98,9 @@ class LeakageRecord:
     lpips_best: float = float("nan")
     label_accuracy: float = float("nan")
     label_method: str = ""
+    label_acc_idlg: float = float("nan")  # each recovery method on the same update (known or not)
+    label_acc_yin: float = float("nan")
+    label_acc_count: float = float("nan")
     matching_loss: float = float("nan")
     attack_seconds: float = float("nan")
     iterations: int = 0

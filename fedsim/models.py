@@ -118,6 +118,30 @@ class CifarResNet(nn.Module):
         return self.fc(self.pool(self.stages(self.stem(x))).flatten(1))
 
 
+class MLP(nn.Module):
+    """A fully connected network (flatten, hidden ReLU layers, classifier): its first layer sees the raw image, so
+    analytic recovery (Geiping et al. Prop. 3.1) returns a single image exactly."""
+
+    def __init__(self, num_classes: int = 10, channels: int = 3, image_size: int = 32, width: int = 1024,
+                 depth: int = 2) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        fan_in = channels * image_size * image_size
+        for _ in range(depth - 1):
+            layers += [nn.Linear(fan_in, width), nn.ReLU()]
+            fan_in = width
+        layers.append(nn.Linear(fan_in, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@register_model("mlp")
+def mlp(num_classes: int, channels: int = 3, image_size: int = 32, width: int = 1024, **_: object) -> nn.Module:
+    return MLP(num_classes=num_classes, channels=channels, image_size=image_size, width=width)
+
+
 @register_model("lenet_zhu")
 def lenet_zhu(num_classes: int, channels: int = 3, image_size: int = 32, **_: object) -> nn.Module:
     return LeNetZhu(num_classes=num_classes, channels=channels, image_size=image_size)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attacker.attacks import Attack
+from attacker.attacks import Attack, label_candidates
 from attacker.evaluator import LeakageEvaluator
 from attacker.records import LeakageRecord, ModelSpec, ObservedUpdate, ThreatModel
 
@@ -86,4 +86,6 @@ def run_single(job: SingleUpdateJob, output: Path) -> list[LeakageRecord]:
             train_config=cfg.to_record(), num_examples=reply.num_examples, shared=reply.shared,
             defenses=tuple(d.tag() for d in job.defenses)))
     reconstructions = job.attack.reconstruct_many(observed_list, job.threat, device=job.device, seed=job.seed)
+    for obs, rec in zip(observed_list, reconstructions):
+        rec.extra.setdefault("label_candidates", label_candidates(obs, job.threat))
     return [evaluator.record(obs, job.attack.name, rec) for obs, rec in zip(observed_list, reconstructions)]
