@@ -144,7 +144,8 @@ class OptimizationAttack(Attack):
                            label_method="joint" if joint else label_sets[i][1], loss=float(result.losses[i]),
                            seconds=share, iterations=result.iterations, restarts=self.restarts,
                            trace=[(it, losses[i]) for it, losses in result.trace],
-                           extra={"batched_with": len(observed), "gradient_evaluations": result.evaluations})
+                           extra={"batched_with": len(observed), "gradient_evaluations": result.evaluations,
+                                  **{k: float(v[i]) for k, v in result.update_fit.items()}})
             for i in range(len(observed))
         ]
 

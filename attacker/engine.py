@@ -455,6 +455,16 @@ class EngineResult:
     iterations: int
     evaluations: int  # gradient evaluations per candidate (L-BFGS takes several per iteration)
     all_images: torch.Tensor | None = None  # [P, R, B, C, H, W] in [0, 1]
+    update_fit: dict[str, torch.Tensor] = field(default_factory=dict)  # [P] each, see update_fit()
+
+
+def update_fit(sim: Tensors, target: Tensors) -> dict[str, float]:
+    """How well a reconstruction's simulated update fits the observed one (Yin et al. Table 5): squared L2
+    distance, fraction of coordinates with the same sign, and cosine distance."""
+    s = torch.cat([sim[k].flatten() for k in target]).double()
+    t = torch.cat([target[k].flatten() for k in target]).double()
+    return {"update_l2": float((s - t).pow(2).sum()), "update_sign_agreement": float((s.sign() == t.sign()).double().mean()),
+            "update_cosine_distance": float(1 - (s @ t) / (s.norm() * t.norm() + 1e-30))}
 
 
 def lazy_consensus(x: torch.Tensor) -> torch.Tensor:
@@ -602,7 +612,15 @@ class AttackEngine:
         all_images = (final["x"] * std + mean).clamp(0, 1)
         out_labels = space.labels_out(final, labels)[rows, chosen]
         trace_rows = [(it, torch.nan_to_num(m, nan=math.inf).min(dim=1).values.cpu().tolist()) for it, m in trace]
+        fits: dict[str, list[float]] = {}
+        for p in range(P):
+            chosen_vars = {k: v[p, chosen[p]] for k, v in final.items()}
+            x, y = space.decode(chosen_vars, labels[p])
+            with torch.enable_grad():
+                sim_update = {k: v.detach() for k, v in problem.simulator.update(x, y, functional=False).items()}
+            for key, value in update_fit(sim_update, {k: v[p] for k, v in targets.items()}).items():
+                fits.setdefault(key, []).append(value)
         return EngineResult(images=all_images[rows, chosen].cpu(), labels=out_labels.cpu(),
                             losses=scores[rows, chosen].cpu(), chosen_restart=chosen.cpu(), trace=trace_rows,
                             seconds=seconds, iterations=spec.iterations, evaluations=optimizer.evaluations,
-                            all_images=all_images.cpu())
+                            all_images=all_images.cpu(), update_fit={k: torch.tensor(v) for k, v in fits.items()})

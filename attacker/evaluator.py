@@ -55,6 +55,9 @@ class LeakageEvaluator:
             for key, value in scores.summary().items():
                 setattr(row, key, value)
             row.label_method = outcome.label_method
+            for key in ("update_l2", "update_sign_agreement", "update_cosine_distance"):
+                if key in outcome.extra:
+                    setattr(row, key, outcome.extra[key])
             for method, labels in outcome.extra.get("label_candidates", {}).items():
                 if hasattr(row, f"label_acc_{method}"):
                     setattr(row, f"label_acc_{method}", label_accuracy(np.asarray(labels), gt_labels))

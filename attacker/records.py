@@ -103,6 +103,9 @@ class LeakageRecord:
     label_acc_count: float = float("nan")
     matching_loss: float = float("nan")
     attack_seconds: float = float("nan")
+    update_l2: float = float("nan")  # fit of the reconstruction's simulated update to the observed one
+    update_sign_agreement: float = float("nan")
+    update_cosine_distance: float = float("nan")
     iterations: int = 0
     restarts: int = 0
     status: str = "ok"

@@ -186,6 +186,24 @@ def attack(
     console.print(f"results in {output}")
 
 
+@app.command()
+def experiment(
+    config: Path = typer.Argument(..., help="Experiment TOML (cases of a paper table)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key, e.g. --set indices=0-19."),
+    only: list[str] = typer.Option([], "--only", help="Run only cases whose name contains this (repeatable)."),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Reproduce a paper table: run its cases and write the markdown table next to the config."""
+    from .experiment import run_experiment_file
+
+    try:
+        frame = run_experiment_file(config, set_, only, device=device, log=console.print)
+    except _user_errors() as err:
+        fail(_one_line(err))
+    console.print(config.with_suffix(".md").read_text())
+    console.print(f"{len(frame)} rows")
+
+
 @app.command("train-victim")
 def train_victim(
     model: str = typer.Option("lenet_zhu", "--model"),

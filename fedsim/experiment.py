@@ -1,0 +1,174 @@
+"""Paper-table experiments: a TOML file of cases, run through the single-update path, summarised as markdown.
+
+``fedsim experiment experiments/geiping2020_table1.toml`` runs every case (victim, client computation, attack) on
+the same images, keeps every row in ``runs/experiments/<name>/leakage.parquet`` and writes
+``experiments/<name>.md`` beside the config: per case N, PSNR mean +- std, SSIM, label accuracy, update fit, time,
+and the paper's number. Trained victims are trained once (``fedsim train-victim`` recipe) and cached.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from attacker.attacks import build_attack
+from attacker.records import ThreatModel
+
+from .config import ClientConfig, ConfigError, apply_override, _format_validation_error
+from .data import load_dataset
+from .defenses import build_defense
+from .single import SingleUpdateJob, parse_indices, run_single
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VictimTraining(Strict):
+    epochs: int = Field(default=20, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=0.05, gt=0)
+
+
+class Victim(Strict):
+    model: str = "lenet_zhu"
+    width: int = 64
+    checkpoint: str | None = None
+    train: VictimTraining | None = None  # train on the data set's training split before attacking
+
+
+class Case(Strict):
+    name: str
+    victim: str
+    batch_size: int = Field(default=1, ge=1)
+    client: ClientConfig = Field(default_factory=ClientConfig)
+    attack: dict[str, Any]
+    defenses: list[dict[str, Any]] = Field(default_factory=list)
+    labels: str = "recovered"
+    label_method: str = "auto"
+    paper: str = ""  # the published number, as printed
+
+
+class Experiment(Strict):
+    name: str
+    title: str
+    dataset: str = "cifar10"
+    split: str = "test"
+    indices: str = "0-99"
+    seed: int = 0
+    output_dir: str = "runs/experiments"
+    notes: str = ""
+    victims: dict[str, Victim]
+    cases: list[Case]
+
+
+def load_experiment(path: Path, overrides: list[str] | None = None) -> Experiment:
+    if not path.is_file():
+        raise ConfigError(f"experiment file not found: {path}")
+    raw = tomllib.loads(path.read_text())
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    try:
+        exp = Experiment.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+    for i, case in enumerate(exp.cases):
+        if case.victim not in exp.victims:
+            raise ConfigError(f"cases.{i}.victim: unknown victim {case.victim!r}")
+        build_attack(case.attack)
+    return exp
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _victim_checkpoint(exp: Experiment, key: str, victim: Victim, out: Path, log) -> str | None:
+    if victim.checkpoint or victim.train is None:
+        return victim.checkpoint
+    from .victims import train_centrally
+
+    path = out / f"victim-{key}.pt"
+    if not path.is_file():
+        train = load_dataset(exp.dataset, "train")
+        test = load_dataset(exp.dataset, "test")
+        result = train_centrally(victim.model, train, test, epochs=victim.train.epochs,
+                                 batch_size=victim.train.batch_size, lr=victim.train.lr, width=victim.width,
+                                 seed=exp.seed, output=path, log=lambda *_: None)
+        (out / f"victim-{key}.txt").write_text(
+            f"train accuracy {result['train_accuracy']:.4f}, test accuracy {result['test_accuracy']:.4f}\n")
+        log(f"trained victim {key}: {result}")
+    return str(path)
+
+
+def run_experiment_file(path: Path, overrides: list[str] | None = None, only: list[str] | None = None,
+                        device: str = "cpu", log=print) -> pd.DataFrame:
+    exp = load_experiment(path, overrides)
+    out = Path(exp.output_dir) / exp.name
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(exp.dataset, exp.split)
+    indices = parse_indices(exp.indices)
+    frames = []
+    for case in exp.cases:
+        if only and not any(o.lower() in case.name.lower() for o in only):
+            continue
+        victim = exp.victims[case.victim]
+        checkpoint = _victim_checkpoint(exp, case.victim, victim, out, log)
+        shares_bn = any(d.get("name") == "share_bn_stats" for d in case.defenses)
+        job = SingleUpdateJob(
+            data=data, model_name=victim.model, indices=indices, batch_size=case.batch_size,
+            attack=build_attack(case.attack), train=case.client.train_config(),
+            defenses=[build_defense(d) for d in case.defenses],
+            threat=ThreatModel(labels=case.labels, label_method=case.label_method, bn_stats_shared=shares_bn),
+            width=victim.width, checkpoint=checkpoint, seed=exp.seed, device=device)
+        t0 = time.perf_counter()
+        rows = run_single(job, out / slug(case.name))
+        frame = pd.DataFrame([r.__dict__ for r in rows]).assign(case=case.name, paper=case.paper,
+                                                                 wall_seconds=time.perf_counter() - t0)
+        frames.append(frame)
+        log(f"{case.name}: PSNR {frame.psnr_mean.mean():.2f} +- {frame.psnr_mean.std(ddof=0):.2f} dB "
+            f"({len(frame)} updates, {frame.wall_seconds.iloc[0]:.0f} s)")
+    if not frames:
+        raise ConfigError(f"no case matches {only}")
+    result = pd.concat(frames, ignore_index=True)
+    previous = out / "leakage.parquet"
+    if previous.is_file() and only:  # keep the other cases' rows from earlier runs
+        old = pd.read_parquet(previous)
+        result = pd.concat([old[~old.case.isin(result.case.unique())], result], ignore_index=True)
+    result.to_parquet(previous, index=False)
+    path.with_suffix(".md").write_text(markdown(exp, result))
+    return result
+
+
+def markdown(exp: Experiment, frame: pd.DataFrame) -> str:
+    order = [c.name for c in exp.cases if c.name in set(frame.case)]
+    lines = [f"# {exp.title}", "", f"Images: {exp.dataset} {exp.split} {exp.indices} (N per case below). "
+             f"Regenerate: `fedsim experiment experiments/{exp.name}.toml`.", ""]
+    if exp.notes:
+        lines += [exp.notes.strip(), ""]
+    lines += ["| case | N | PSNR (dB) | best-in-batch PSNR | SSIM | label acc | update cos. dist. | sign agree | "
+              "s / update | paper PSNR |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in order:
+        f = frame[(frame.case == name)]
+        ok = f[f.status == "ok"]
+        paper = f.paper.iloc[0] if len(f) else ""
+
+        def ms(col):
+            v = ok[col].to_numpy(dtype=float)
+            return f"{np.nanmean(v):.2f} ± {np.nanstd(v):.2f}" if len(v) else "n/a"
+
+        lines.append(f"| {name} | {len(ok)}{'' if len(ok) == len(f) else f' ({len(f) - len(ok)} failed)'} | "
+                     f"{ms('psnr_mean')} | {ms('psnr_best')} | {ms('ssim_mean')} | {ok.label_accuracy.mean():.2f} | "
+                     f"{ok.update_cosine_distance.mean():.3g} | {ok.update_sign_agreement.mean():.3f} | "
+                     f"{ok.attack_seconds.mean():.1f} | {paper} |")
+    victims = [f"- `{k}`: {v.model} (width {v.width})" + (f", trained {v.train.epochs} epochs" if v.train else "")
+               for k, v in exp.victims.items()]
+    lines += ["", "Victims:", *victims, ""]
+    return "\n".join(lines)
