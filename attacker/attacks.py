@@ -7,6 +7,7 @@ Every attack takes only :class:`~attacker.records.ObservedUpdate` records and a
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -15,7 +16,8 @@ from pydantic import Field
 
 from fedsim.data import denormalize
 from fedsim.models import build_model
-from fedsim.registry import Registered, build_from_spec
+from fedsim.params import Registered
+from fedsim.registry import build_from_spec
 from fedsim.training import TrainConfig, step_schedule
 
 from .analytic import first_layer_is_linear, linear_layers, recover_layer_input
@@ -134,7 +136,7 @@ class OptimizationAttack(Attack):
         problem = InversionProblem(simulator, targets, torch.from_numpy(np.stack([l for l, _ in label_sets])),
                                    spec.image_shape, *first.normalization, num_classes=spec.num_classes,
                                    aux=self.side_information(observed, simulator, threat))
-        engine_spec = self.engine_spec()
+        engine_spec = replace(self.engine_spec(), update_scale=cfg.lr * len(simulator.schedule))
         result = AttackEngine(engine_spec, device=device, seed=seed).run(problem)
         setup = time.perf_counter() - t0 - result.seconds
         share = (result.seconds + setup) / len(observed)
@@ -220,15 +222,16 @@ class GradInversion(OptimizationAttack):
     restarts: int = Field(default=4, ge=1)
     lr: float = Field(default=0.1, gt=0)
     objective: str = "l2"
+    grad_weight: float = Field(default=1e-4, gt=0)  # weights as in Yin et al. (breaching's reading of them)
     tv: float = Field(default=1e-4, ge=0)
     l2: float = Field(default=1e-6, ge=0)
-    bn: float = Field(default=1e-2, ge=0)
+    bn: float = Field(default=1e-1, ge=0)
     bn_source: Literal["auto", "shared", "running"] = "auto"
     group: Literal["none", "lazy", "registered"] = "none"
     group_weight: float = Field(default=1e-2, ge=0)
     group_every: int = Field(default=100, ge=1)
     group_start: int = Field(default=0, ge=0)
-    signed: bool = True
+    signed: bool = False
 
     def engine_spec(self) -> EngineSpec:
         regs = [("tv", self.tv), ("l2", self.l2), ("bn", self.bn)]
@@ -236,7 +239,7 @@ class GradInversion(OptimizationAttack):
         if self.group != "none":
             regs.append(("group", self.group_weight))
             group = GroupSpec(mode=self.group, every=self.group_every, start=self.group_start)
-        return EngineSpec(objective=self.objective, regularizers=tuple(regs),
+        return EngineSpec(objective=self.objective, regularizers=tuple(regs), matching_weight=self.grad_weight,
                           optimizer=OptimizerSpec(name="signed_adam" if self.signed else "adam", lr=self.lr),
                           iterations=self.iterations, restarts=self.restarts, boxed=True, init="randn",
                           trace_every=self.trace_every, group=group, batching=self.batching, compile=self.compile)

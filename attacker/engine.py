@@ -426,6 +426,10 @@ class EngineSpec:
     init: str = "randn"
     trace_every: int = 100
     group: GroupSpec | None = None
+    # Updates are compared in gradient units: both sides are divided by update_scale (lr x local steps, set by the
+    # attack), so L2 weights mean what they mean in the papers, which match gradients. Cosine is unaffected.
+    update_scale: float = 1.0
+    matching_weight: float = 1.0
     # How candidates (problems x restarts) are computed: "vmap" batches them in one computation (pays off for small,
     # overhead-bound victims), "loop" runs plain autograd one after another (faster for one candidate and for large
     # victims, see benchmarks/README.md), "auto" picks by candidate count and victim size.
@@ -504,10 +508,13 @@ class AttackEngine:
         regs = [(REGULARIZERS[name], weight) for name, weight in self.spec.regularizers if weight]
         sim = problem.simulator
 
+        scale, matching_weight = self.spec.update_scale, self.spec.matching_weight
+
         def loss(variables: Tensors, y: torch.Tensor, target: Tensors, aux: Tensors, anchor: torch.Tensor):
             x, y = space.decode(variables, y)
-            matching = objective(sim.update(x, y, functional), target)
-            total = matching
+            simulated = {k: v / scale for k, v in sim.update(x, y, functional).items()}
+            matching = objective(simulated, target)
+            total = matching_weight * matching
             ctx = CandidateContext(sim, aux, anchor)
             for reg, weight in regs:
                 total = total + weight * reg(x, ctx)
@@ -575,7 +582,7 @@ class AttackEngine:
         generator = torch.Generator().manual_seed(self.seed)
         variables = {k: v.to(dev).requires_grad_(True) for k, v in space.init(problem, P, R, spec.init, generator).items()}
         labels = problem.labels.to(dev)
-        targets = {k: v.to(dev) for k, v in problem.targets.items()}
+        targets = {k: v.to(dev) / spec.update_scale for k, v in problem.targets.items()}
         aux = {k: v.to(dev) for k, v in problem.aux.items()} or {"_": torch.zeros(P, device=dev)}
         anchors = torch.zeros_like(variables["x"])
 
@@ -617,7 +624,8 @@ class AttackEngine:
             chosen_vars = {k: v[p, chosen[p]] for k, v in final.items()}
             x, y = space.decode(chosen_vars, labels[p])
             with torch.enable_grad():
-                sim_update = {k: v.detach() for k, v in problem.simulator.update(x, y, functional=False).items()}
+                sim_update = {k: v.detach() / spec.update_scale
+                              for k, v in problem.simulator.update(x, y, functional=False).items()}
             for key, value in update_fit(sim_update, {k: v[p] for k, v in targets.items()}).items():
                 fits.setdefault(key, []).append(value)
         return EngineResult(images=all_images[rows, chosen].cpu(), labels=out_labels.cpu(),

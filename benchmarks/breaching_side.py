@@ -25,6 +25,8 @@ parser.add_argument("--case", required=True)
 parser.add_argument("--restarts", type=int, default=1)
 parser.add_argument("--iterations", type=int, default=10)
 parser.add_argument("--tv", type=float, default=1e-2)
+parser.add_argument("--attack", default="invertinggradients",
+                    help="breaching attack config: invertinggradients, deepleakage, seethroughgradients")
 parser.add_argument("--out", default="")
 args = parser.parse_args()
 
@@ -34,12 +36,14 @@ torch.set_num_threads(int(torch.get_num_threads()))
 case = torch.load(args.case, weights_only=False)
 model = build_model(case["model"], case["num_classes"], width=case["width"])
 model.load_state_dict(case["state"])
-model.eval()  # breaching's attacker puts the model in eval mode for the victim copy it builds anyway
+model.eval()
 
 with contextlib.redirect_stdout(io.StringIO()):
-    cfg = breaching.get_attack_config("invertinggradients", overrides=[
-        f"restarts.num_trials={args.restarts}", f"optim.max_iterations={args.iterations}",
-        f"optim.callback={10**9}", f"regularization.total_variation.scale={args.tv}"])
+    overrides = [f"restarts.num_trials={args.restarts}", f"optim.max_iterations={args.iterations}",
+                 f"optim.callback={10**9}"]
+    if args.attack == "invertinggradients":
+        overrides.append(f"regularization.total_variation.scale={args.tv}")
+    cfg = breaching.get_attack_config(args.attack, overrides=overrides)
     attacker = breaching.attacks.prepare_attack(model, torch.nn.CrossEntropyLoss(), cfg,
                                                 dict(dtype=torch.float, device=torch.device("cpu")))
 metadata = SimpleNamespace(shape=tuple(case["shape"]), mean=case["mean"], std=case["std"], modality="vision",
@@ -47,7 +51,9 @@ metadata = SimpleNamespace(shape=tuple(case["shape"]), mean=case["mean"], std=ca
 payload = [dict(parameters=[p.detach().clone() for p in model.parameters()],
                 buffers=[b.detach().clone() for b in model.buffers()], metadata=metadata)]
 shared = [dict(gradients=[g.clone() for g in case["gradient"]], buffers=None,
-               metadata=dict(num_data_points=len(case["labels"]), labels=case["labels"].clone(),
+               metadata=dict(num_data_points=len(case["labels"]),
+                             # DLG optimises labels jointly: breaching refuses given labels there
+                             labels=None if args.attack == "deepleakage" else case["labels"].clone(),
                              local_hyperparams=None))]
 start = time.perf_counter()
 with contextlib.redirect_stdout(io.StringIO()):

@@ -15,7 +15,8 @@ from typing import ClassVar
 import torch
 from pydantic import Field
 
-from .registry import Registered, build_from_spec
+from .params import Registered
+from .registry import build_from_spec
 
 DEFENSES: dict[str, type["Defense"]] = {}
 

@@ -8,6 +8,7 @@ and the paper's number. Trained victims are trained once (``fedsim train-victim`
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import tomllib
@@ -53,6 +54,7 @@ class Case(Strict):
     defenses: list[dict[str, Any]] = Field(default_factory=list)
     labels: str = "recovered"
     label_method: str = "auto"
+    distinct_labels: bool = False  # fill each update with the next images whose labels are new to it (as IG's code)
     paper: str = ""  # the published number, as printed
 
 
@@ -116,35 +118,68 @@ def run_experiment_file(path: Path, overrides: list[str] | None = None, only: li
     data = load_dataset(exp.dataset, exp.split)
     indices = parse_indices(exp.indices)
     frames = []
+    previous = out / "leakage.parquet"
+    old = pd.read_parquet(previous) if previous.is_file() else None
     for case in exp.cases:
         if only and not any(o.lower() in case.name.lower() for o in only):
+            continue
+        case_dir = out / slug(case.name)
+        key = json.dumps({"case": case.model_dump(), "victim": exp.victims[case.victim].model_dump(),
+                          "dataset": exp.dataset, "split": exp.split, "indices": exp.indices, "seed": exp.seed},
+                         sort_keys=True)
+        if old is not None and (case_dir / "case.json").is_file() and (case_dir / "case.json").read_text() == key \
+                and case.name in set(old.case):
+            frames.append(old[old.case == case.name])  # finished earlier with identical settings: reuse
+            log(f"{case.name}: reused finished results")
             continue
         victim = exp.victims[case.victim]
         checkpoint = _victim_checkpoint(exp, case.victim, victim, out, log)
         shares_bn = any(d.get("name") == "share_bn_stats" for d in case.defenses)
+        case_indices = distinct_label_order(indices, data.labels, case.batch_size) if case.distinct_labels else indices
         job = SingleUpdateJob(
-            data=data, model_name=victim.model, indices=indices, batch_size=case.batch_size,
+            data=data, model_name=victim.model, indices=case_indices, batch_size=case.batch_size,
             attack=build_attack(case.attack), train=case.client.train_config(),
             defenses=[build_defense(d) for d in case.defenses],
             threat=ThreatModel(labels=case.labels, label_method=case.label_method, bn_stats_shared=shares_bn),
             width=victim.width, checkpoint=checkpoint, seed=exp.seed, device=device)
         t0 = time.perf_counter()
-        rows = run_single(job, out / slug(case.name))
+        rows = run_single(job, case_dir)
         frame = pd.DataFrame([r.__dict__ for r in rows]).assign(case=case.name, paper=case.paper,
                                                                  wall_seconds=time.perf_counter() - t0)
+        (case_dir / "case.json").write_text(key)
         frames.append(frame)
         log(f"{case.name}: PSNR {frame.psnr_mean.mean():.2f} +- {frame.psnr_mean.std(ddof=0):.2f} dB "
             f"({len(frame)} updates, {frame.wall_seconds.iloc[0]:.0f} s)")
+        old = _save(exp, path, previous, old, pd.concat(frames, ignore_index=True))  # after every case
     if not frames:
         raise ConfigError(f"no case matches {only}")
-    result = pd.concat(frames, ignore_index=True)
-    previous = out / "leakage.parquet"
-    if previous.is_file() and only:  # keep the other cases' rows from earlier runs
-        old = pd.read_parquet(previous)
-        result = pd.concat([old[~old.case.isin(result.case.unique())], result], ignore_index=True)
-    result.to_parquet(previous, index=False)
-    path.with_suffix(".md").write_text(markdown(exp, result))
-    return result
+    return _save(exp, path, previous, old, pd.concat(frames, ignore_index=True))
+
+
+def _save(exp: Experiment, path: Path, table: Path, old: pd.DataFrame | None, new: pd.DataFrame) -> pd.DataFrame:
+    """Merge with earlier rows of other cases, persist, and rewrite the markdown table."""
+    merged = new if old is None else pd.concat([old[~old.case.isin(new.case.unique())], new], ignore_index=True)
+    merged.to_parquet(table, index=False)
+    path.with_suffix(".md").write_text(markdown(exp, merged))
+    return merged
+
+
+def distinct_label_order(indices: list[int], labels: np.ndarray, batch_size: int) -> list[int]:
+    """Regroup ``indices`` so every consecutive batch has distinct labels: each batch takes, in order, the next
+    unused images whose label it does not have yet (images that fit no batch are dropped)."""
+    pool, out = list(indices), []
+    while len(pool) >= batch_size:
+        batch: list[int] = []
+        for i in list(pool):
+            if labels[i] not in {labels[j] for j in batch}:
+                batch.append(i)
+                pool.remove(i)
+                if len(batch) == batch_size:
+                    break
+        if len(batch) < batch_size:
+            break
+        out += batch
+    return out
 
 
 def markdown(exp: Experiment, frame: pd.DataFrame) -> str:
@@ -153,8 +188,8 @@ def markdown(exp: Experiment, frame: pd.DataFrame) -> str:
              f"Regenerate: `fedsim experiment experiments/{exp.name}.toml`.", ""]
     if exp.notes:
         lines += [exp.notes.strip(), ""]
-    lines += ["| case | N | PSNR (dB) | best-in-batch PSNR | SSIM | label acc | update cos. dist. | sign agree | "
-              "s / update | paper PSNR |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| case | N | PSNR (dB) | best-in-batch PSNR | SSIM | label acc | update L2 | update cos. dist. | "
+              "sign agree | s / update | paper PSNR |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in order:
         f = frame[(frame.case == name)]
         ok = f[f.status == "ok"]
@@ -166,7 +201,7 @@ def markdown(exp: Experiment, frame: pd.DataFrame) -> str:
 
         lines.append(f"| {name} | {len(ok)}{'' if len(ok) == len(f) else f' ({len(f) - len(ok)} failed)'} | "
                      f"{ms('psnr_mean')} | {ms('psnr_best')} | {ms('ssim_mean')} | {ok.label_accuracy.mean():.2f} | "
-                     f"{ok.update_cosine_distance.mean():.3g} | {ok.update_sign_agreement.mean():.3f} | "
+                     f"{ok.update_l2.mean():.3g} | {ok.update_cosine_distance.mean():.3g} | {ok.update_sign_agreement.mean():.3f} | "
                      f"{ok.attack_seconds.mean():.1f} | {paper} |")
     victims = [f"- `{k}`: {v.model} (width {v.width})" + (f", trained {v.train.epochs} epochs" if v.train else "")
                for k, v in exp.victims.items()]

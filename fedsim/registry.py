@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, TypeVar
-
-from pydantic import BaseModel, ConfigDict
+from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
 
@@ -31,16 +29,3 @@ def build_from_spec(registry: dict[str, type], spec: dict, kind: str):
     spec = dict(spec)
     return lookup(registry, spec.pop("name", None), kind)(**spec)
 
-
-class Registered(BaseModel):
-    """Base of parameter models that register themselves by ``name`` (defenses, attacks): a config table
-    ``{name = ..., **params}`` validates by constructing the registered class, unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    name: ClassVar[str]
-    registry: ClassVar[dict[str, type]]
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if "name" in cls.__dict__:
-            cls.registry[cls.name] = cls
