@@ -1,0 +1,50 @@
+"""The paper-table runner: batches with distinct labels, markdown output, reuse of finished cases."""
+
+import numpy as np
+import pandas as pd
+
+from fedsim.experiment import distinct_label_order, run_experiment_file
+
+
+def test_distinct_label_order_groups_without_repeats():
+    labels = np.array([3, 3, 1, 1, 2, 5, 5, 7])
+    order = distinct_label_order(list(range(8)), labels, 2)
+    batches = [order[i:i + 2] for i in range(0, len(order), 2)]
+    assert all(len({labels[i] for i in b}) == 2 for b in batches)
+    assert len(set(order)) == len(order) == 8
+
+
+def test_tiny_experiment_writes_a_table_and_reuses_finished_cases(tmp_path, synthetic_npz):
+    config = tmp_path / "tiny.toml"
+    config.write_text(f'''
+name = "tiny"
+title = "tiny table"
+dataset = "{synthetic_npz}"
+split = "train"
+indices = "0-3"
+output_dir = "{tmp_path / 'runs'}"
+
+[victims.lenet]
+model = "lenet_zhu"
+
+[[cases]]
+name = "IG"
+victim = "lenet"
+attack = {{ name = "inverting_gradients", iterations = 5 }}
+paper = "18.00 ± 3.33"
+
+[[cases]]
+name = "DLG"
+victim = "lenet"
+batch_size = 2
+distinct_labels = true
+attack = {{ name = "dlg", iterations = 2, restarts = 2 }}
+''')
+    logs: list[str] = []
+    frame = run_experiment_file(config, log=logs.append)
+    assert sorted(frame.case.unique()) == ["DLG", "IG"] and len(frame) == 4 + 2
+    table = config.with_suffix(".md").read_text()
+    assert "| IG | 4 |" in table and "18.00 ± 3.33" in table and "| DLG | 2 |" in table
+    again = run_experiment_file(config, log=logs.append)
+    assert sum("reused" in line for line in logs) == 2
+    pd.testing.assert_frame_equal(frame.reset_index(drop=True), again.reset_index(drop=True))
