@@ -74,3 +74,25 @@ def test_attacks_receive_only_what_the_server_observes(tmp_path, data_dir):
     # ...while the evaluator did get the ground truth: rows carry label accuracy from the audit record
     leak = store.leakage.frame()
     assert (leak.status == "ok").all() and len(leak) == 4
+
+
+def test_shared_batchnorm_statistics_reach_the_attacker_through_flower(tmp_path, data_dir):
+    SEEN.clear()
+    cfg = small_config(tmp_path, "bn", 'attacks=[{name="spy_for_tests"}]', 'attack.executor="inline"',
+                       'model.name="convnet"', "model.width=4", "client.batch_size=2",
+                       'defenses=[{name="share_bn_stats"}]', "federation.rounds=1")
+    run_experiment(cfg, show_progress=False)
+    assert len(SEEN) == 2
+    from fedsim.models import build_model
+
+    bn_layers = [n for n, m in build_model("convnet", 10, width=4).named_modules() if "BatchNorm" in type(m).__name__]
+    for obs in SEEN:
+        stats = obs.shared["bn_stats"]
+        assert list(stats) == bn_layers
+        mean, var = stats[bn_layers[0]]
+        assert mean.shape == (4,) and var.shape == (4,) and (var >= 0).all()
+    # without the defense the same threat switch shares nothing
+    SEEN.clear()
+    run_experiment(small_config(tmp_path, "nobn", 'attacks=[{name="spy_for_tests"}]', 'attack.executor="inline"',
+                                'model.name="convnet"', "model.width=4", "federation.rounds=1"), show_progress=False)
+    assert all("bn_stats" not in obs.shared for obs in SEEN)
