@@ -267,7 +267,7 @@ class AdamOptimizer:
     def __init__(self, variables: Tensors, spec: OptimizerSpec, iterations: int, signed: bool):
         self.variables, self.signed = variables, signed
         self.opt = torch.optim.Adam(list(variables.values()), lr=spec.lr)
-        milestones = sorted({int(iterations * f) for f in spec.decay_milestones if spec.decay_milestones})
+        milestones = sorted({int(iterations * f) for f in spec.decay_milestones})
         self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones=milestones, gamma=spec.decay_gamma)
         self.evaluations = 0
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -88,6 +87,3 @@ class LeakageEvaluator:
         rows = [torch.cat([v.get(a, torch.ones_like(v["gt"])) for v in snapshot.values()]) for a in attacks]
         save_grid(self.grid_dir / f"round_{observed.round:03d}.png", originals, rows)
 
-
-def row_dict(row: LeakageRecord) -> dict:
-    return asdict(row)

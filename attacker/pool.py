@@ -121,12 +121,6 @@ class AttackerPool:
                 with self._cv:
                     self._cv.notify_all()
 
-    def pending(self) -> int:
-        if self.executor == "inline":
-            return 0
-        with self._cv:
-            return len(self._pending)
-
     def drain(self, timeout: float | None = None) -> None:
         """Block until every submitted attack has been recorded."""
         if self.executor == "inline":

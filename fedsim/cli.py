@@ -26,7 +26,6 @@ def fail(message: str) -> None:
 
 
 def _user_errors():
-    from attacker.records import ThreatModel  # noqa: F401 - import check
     from pydantic import ValidationError
 
     from .config import ConfigError
@@ -148,6 +147,12 @@ def attack(
     from .single import SingleUpdateJob, parse_indices, run_single
 
     try:
+        if labels not in ("known", "recovered"):
+            raise ValueError(f"--labels must be known or recovered, not {labels!r}")
+        from attacker.labels import LABEL_METHODS
+        from .registry import lookup
+
+        lookup(LABEL_METHODS, label_method, "label method (--label-method)")
         if threads:
             torch.set_num_threads(threads)
         spec: dict = {"name": attack_name}
@@ -169,8 +174,6 @@ def attack(
         job = SingleUpdateJob(data=data, model_name=model, indices=parse_indices(indices), batch_size=batch_size,
                               attack=attack_obj, train=client.train_config(), defenses=defenses, threat=threat,
                               width=width, checkpoint=str(trained) if trained else None, seed=seed, device=device)
-        if labels not in ("known", "recovered"):
-            raise ValueError(f"--labels must be known or recovered, not {labels!r}")
         rows = run_single(job, output)
     except _user_errors() as err:
         fail(_one_line(err))

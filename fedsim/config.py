@@ -162,9 +162,6 @@ class ExperimentConfig(Section):
     def build_defenses(self):
         return [build_defense(spec) for spec in self.defenses]
 
-    def build_attacks(self):
-        return [build_attack(spec) for spec in self.attacks]
-
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name

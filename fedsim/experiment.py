@@ -13,7 +13,7 @@ import re
 import time
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from attacker.attacks import build_attack
 from attacker.records import ThreatModel
 
-from .config import ClientConfig, ConfigError, apply_override, _format_validation_error
+from .config import ClientConfig, ConfigError, _format_validation_error, _label_methods, apply_override, registered
 from .data import load_dataset
 from .defenses import build_defense
 from .single import SingleUpdateJob, parse_indices, run_single
@@ -52,8 +52,8 @@ class Case(Strict):
     client: ClientConfig = Field(default_factory=ClientConfig)
     attack: dict[str, Any]
     defenses: list[dict[str, Any]] = Field(default_factory=list)
-    labels: str = "recovered"
-    label_method: str = "auto"
+    labels: Literal["known", "recovered"] = "recovered"
+    label_method: Annotated[str, registered(_label_methods, "label method")] = "auto"
     distinct_labels: bool = False  # fill each update with the next images whose labels are new to it (as IG's code)
     paper: str = ""  # the published number, as printed
 

@@ -236,7 +236,6 @@ def _partition_map(grid: Grid, nodes: list[int]) -> dict[int, int]:
 
 def make_server_app(session: Session) -> ServerApp:
     app = ServerApp()
-    fed, cfg = session.fed, session.fed.cfg
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:

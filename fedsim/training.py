@@ -25,10 +25,6 @@ class TrainConfig:
     num_samples: int = 1
     shuffle: bool = False
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return 1 if self.mode == "fedsgd" else -(-self.num_samples // self.batch_size)
-
     def to_record(self) -> dict:
         return asdict(self)
 

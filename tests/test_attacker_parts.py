@@ -95,7 +95,7 @@ def test_idlg_and_yin_recover_labels_from_updates():
 
 def test_psnr_matching_and_label_accuracy():
     gt = torch.rand(4, 3, 8, 8)
-    assert psnr(gt, gt.clamp(0, 1) * 0 + gt).min() > 100
+    assert psnr(gt, gt.clone()).min() > 100  # identical images: MSE clamped at 1e-20 -> 200 dB
     noisy = (gt + 0.1 * torch.randn_like(gt)).clamp(0, 1)
     perm = torch.tensor([2, 0, 3, 1])
     assert match(noisy[perm], gt).tolist() == [1, 3, 0, 2]
