@@ -93,7 +93,7 @@ class OptimizationAttack(Attack):
     lr: float = Field(default=0.1, gt=0)
     max_parallel: int = Field(default=64, ge=1)
     trace_every: int = Field(default=100, ge=0)
-    batching: Literal["auto", "vmap", "loop"] = "auto"
+    batching: Literal["auto", "stacked", "vmap", "loop"] = "auto"
     compile: bool = False
 
     def engine_spec(self) -> EngineSpec:

@@ -30,6 +30,8 @@ from torch.func import functional_call, grad_and_value, replace_all_batch_norm_m
 
 from fedsim.registry import lookup, register
 
+from .stacked import per_candidate, stack_model, stackable, to_stacked_layout
+
 Tensors = dict[str, torch.Tensor]
 
 # ------------------------------------------------------------------------------------------------------------
@@ -57,6 +59,11 @@ class VictimSimulator:
                           if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         linears = [name for name, m in self.model.named_modules() if isinstance(m, nn.Linear)]
         self.feature_layer = linears[-1] if linears else None  # the classifier, whose input analytic recovery gives
+        self._stacked: nn.Module | None = None  # built on first use, see attacker/stacked.py
+
+    @property
+    def stackable(self) -> bool:
+        return stackable(self.model)
 
     @property
     def num_parameters(self) -> int:
@@ -85,6 +92,56 @@ class VictimSimulator:
             grads = self._grads(params, x[positions], y[positions], functional)
             params = {k: params[k] - self.lr * grads[k] for k in params}
         return {k: params[k] - start[k] for k in params}
+
+    def stacked_update(self, x: torch.Tensor, y: torch.Tensor, capture: tuple[str, ...] = ()) -> tuple[Tensors, dict]:
+        """Updates of C candidates at once (``x`` [C, B, ...], ``y`` [C, B] or soft [C, B, K]), each [C, *shape],
+        through the stacked network (attacker/stacked.py). ``capture`` may ask for the first step's BatchNorm input
+        statistics (``"bn"``: list of (mean, var), each [C, channels]) and classifier input (``"features"``:
+        [C, B, in]), which the regularisers need and which would otherwise cost extra forward passes."""
+        if self._stacked is None:
+            self._stacked = stack_model(self.model)
+        count = x.shape[0]
+        start = {k: v.expand(count, *v.shape) for k, v in self.leaf_params.items()}
+        params, captured = start, {}
+        for step, positions in enumerate(self.schedule):
+            handles = self._capture(captured, count, capture) if step == 0 else []
+            try:
+                loss = self._stacked_loss(params, x[:, positions], y[:, positions])
+            finally:
+                for handle in handles:
+                    handle.remove()
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+            params = {k: params[k] - self.lr * g for k, g in zip(params, grads)}
+        return {k: params[k] - start[k] for k in params}, captured
+
+    def _stacked_loss(self, params: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        count, batch = x.shape[:2]
+        logits = functional_call(self._stacked, params, (to_stacked_layout(x),))
+        logits = logits.reshape(batch, count, -1).transpose(0, 1)  # [C, B, K]
+        if y.is_floating_point():
+            per = -(y * logits.log_softmax(-1)).sum(-1).mean(1)
+        else:
+            per = nn.functional.cross_entropy(logits.reshape(count * batch, -1), y.reshape(-1),
+                                              reduction="none").view(count, batch).mean(1)
+        return per.sum()  # candidates are independent: the gradient of the sum is each one's own gradient
+
+    def _capture(self, captured: dict, count: int, what: tuple[str, ...]) -> list:
+        handles = []
+        if "bn" in what:
+            captured["bn"] = []
+
+            def bn_hook(_module, inputs):
+                h = per_candidate(inputs[0], count)  # [C, B, ch, ...]
+                dims = [d for d in range(1, h.dim()) if d != 2]
+                captured["bn"].append((h.mean(dims), h.var(dims, unbiased=False)))
+
+            handles += [self._stacked.get_submodule(n).register_forward_pre_hook(bn_hook) for n in self.bn_layers]
+        if "features" in what and self.feature_layer is not None:
+            def feature_hook(_module, inputs):
+                captured["features"] = per_candidate(inputs[0], count)
+
+            handles.append(self._stacked.get_submodule(self.feature_layer).register_forward_pre_hook(feature_hook))
+        return handles
 
     def bn_statistics(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Batch mean and biased variance at every BatchNorm input for the client's first step on ``x``."""
@@ -161,6 +218,9 @@ class CandidateContext:
     simulator: VictimSimulator
     aux: Tensors  # per-problem side information (BN statistics targets, feature targets)
     anchor: torch.Tensor  # group-consistency anchor for this candidate (same shape as its images)
+    # Computed during the simulated update on the stacked path (else recomputed by the regulariser):
+    bn_stats: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    features: torch.Tensor | None = None
 
 
 Regularizer = Callable[[torch.Tensor, CandidateContext], torch.Tensor]
@@ -184,7 +244,8 @@ def bn_fidelity(x: torch.Tensor, ctx: CandidateContext) -> torch.Tensor:
     """GradInversion's fidelity: sum over BatchNorm layers of ||mu(x) - mu*||_2 + ||var(x) - var*||_2, against
     statistics the client shared or a public proxy (in ``aux`` as bn.mean.i / bn.var.i)."""
     total = x.new_zeros(())
-    for i, (mean, var) in enumerate(ctx.simulator.bn_statistics(x)):
+    stats = ctx.bn_stats if ctx.bn_stats is not None else ctx.simulator.bn_statistics(x)
+    for i, (mean, var) in enumerate(stats):
         total = total + (mean - ctx.aux[f"bn.mean.{i}"]).norm() + (var - ctx.aux[f"bn.var.{i}"]).norm()
     return total
 
@@ -199,7 +260,7 @@ def group_consistency(x: torch.Tensor, ctx: CandidateContext) -> torch.Tensor:
 def feature_matching(x: torch.Tensor, ctx: CandidateContext) -> torch.Tensor:
     """Distance of the classifier's input features to those recovered analytically from the update."""
     layer = ctx.simulator.feature_layer
-    feats = ctx.simulator.features(x, layer).flatten(1)
+    feats = (ctx.features if ctx.features is not None else ctx.simulator.features(x, layer)).flatten(1)
     target = ctx.aux["features"]
     valid = torch.isfinite(target).all(dim=1, keepdim=True)
     return ((feats - torch.nan_to_num(target)) * valid).pow(2).mean()
@@ -414,6 +475,9 @@ class GroupSpec:
     start: int = 0
 
 
+BATCHING = ("auto", "stacked", "vmap", "loop")
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     objective: str = "cosine"
@@ -442,8 +506,8 @@ class EngineSpec:
         lookup(OPTIMIZERS, self.optimizer.name, "optimizer")
         for name, _ in self.regularizers:
             lookup(REGULARIZERS, name, "regularizer")
-        if self.batching not in ("auto", "vmap", "loop"):
-            raise ValueError(f"unknown batching {self.batching!r}; use auto, vmap or loop")
+        if self.batching not in BATCHING:
+            raise ValueError(f"unknown batching {self.batching!r}; use one of {', '.join(BATCHING)}")
         if self.group is not None and self.group.mode not in CONSENSUS:
             raise ValueError(f"unknown group mode {self.group.mode!r}; choose one of {sorted(CONSENSUS)}")
 
@@ -522,16 +586,25 @@ class AttackEngine:
 
         return loss
 
+    @classmethod
+    def auto_batching(cls, sim: VictimSimulator, candidates: int) -> str:
+        """Fastest path measured on CPU (benchmarks/README.md): one candidate or a large, compute-bound victim runs
+        plain autograd; small victims without BatchNorm run vmap; small victims with BatchNorm run stacked
+        (vmap over BatchNorm was slower than the loop; stacked was 1.4-2.8x faster than the loop on ConvNet-8/16)."""
+        if candidates == 1 or sim.num_parameters > cls.VMAP_MAX_PARAMETERS:
+            return "loop"
+        if sim.bn_layers:
+            return "stacked" if sim.stackable else "loop"
+        return "vmap"
+
     def _executors(self, problem: InversionProblem, candidates: int) -> tuple[Callable, Callable]:
         """(step, score) over stacked candidates: step(vars, labels, targets, aux, anchors) returns
         (totals [P, R], matching [P, R], grads); score returns matching."""
         batching = self.spec.batching
         if batching == "auto":
-            # vmap pays off for small victims without BatchNorm; over BatchNorm (and the BN-fidelity forward) it was
-            # measured slower than the loop (ConvNet-16, batch 4, 4 restarts: 0.85 vs 0.51 s per iteration).
-            sim = problem.simulator
-            small = sim.num_parameters <= self.VMAP_MAX_PARAMETERS and not sim.bn_layers
-            batching = "vmap" if candidates > 1 and small else "loop"
+            batching = self.auto_batching(problem.simulator, candidates)
+        if batching == "stacked":
+            return self._stacked_executors(problem)
         if batching == "vmap":
             per = self._per_candidate(problem, functional=True)
             inner = (0, None, None, None, 0)  # over restarts: variables and anchors vary
@@ -574,6 +647,48 @@ class AttackEngine:
             return totals, matching, grads
 
         return (lambda *a: each(*a, with_grad=True), lambda *a: each(*a, with_grad=False)[1])
+
+    def _stacked_executors(self, problem: InversionProblem) -> tuple[Callable, Callable]:
+        """All candidates through the stacked network (attacker/stacked.py): one forward and double backward per
+        local step for every candidate; objective and regularisers are vmapped per candidate (cheap, elementwise)."""
+        sim = problem.simulator
+        objective = vmap(OBJECTIVES[self.spec.objective])
+        space = SEARCH_SPACES[self.spec.search_space]
+        regs = [(REGULARIZERS[name], weight) for name, weight in self.spec.regularizers if weight]
+        capture = tuple(name for name in ("bn", "features") if any(REGULARIZERS[name] is r for r, _ in regs))
+        scale, matching_weight = self.spec.update_scale, self.spec.matching_weight
+
+        def regularize(x, aux, anchor, captured):
+            ctx = CandidateContext(sim, aux, anchor, captured.get("bn"), captured.get("features"))
+            return sum((weight * reg(x, ctx) for reg, weight in regs), x.new_zeros(()))
+
+        batched_regs = vmap(regularize)
+
+        def evaluate(variables, labels, targets, aux, anchors, with_grad: bool):
+            first = next(iter(variables.values()))
+            P, R = first.shape[:2]
+            flat = {k: v.reshape(P * R, *v.shape[2:]).detach().requires_grad_(with_grad) for k, v in variables.items()}
+            per_candidate_labels = labels[:, None].expand(P, R, *labels.shape[1:]).reshape(P * R, *labels.shape[1:])
+
+            def spread(t):  # [P, ...] -> [P * R, ...]
+                return t[:, None].expand(P, R, *t.shape[1:]).reshape(P * R, *t.shape[1:])
+
+            with torch.enable_grad():
+                x, y = space.decode(flat, per_candidate_labels)
+                update, captured = sim.stacked_update(x, y, capture)
+                matching = objective({k: v / scale for k, v in update.items()},
+                                     {k: spread(v) for k, v in targets.items()})
+                total = matching_weight * matching
+                if regs:
+                    total = total + batched_regs(x, {k: spread(v) for k, v in aux.items()},
+                                                 anchors.reshape(P * R, *anchors.shape[2:]), captured)
+                grads = None
+                if with_grad:
+                    values = torch.autograd.grad(total.sum(), list(flat.values()))
+                    grads = {k: g.view(P, R, *g.shape[1:]) for k, g in zip(flat, values)}
+            return total.detach().view(P, R), matching.detach().view(P, R), grads
+
+        return (lambda *a: evaluate(*a, with_grad=True), lambda *a: evaluate(*a, with_grad=False)[1])
 
     def run(self, problem: InversionProblem) -> EngineResult:
         spec, dev = self.spec, self.device

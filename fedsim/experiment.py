@@ -145,7 +145,8 @@ def run_experiment_file(path: Path, overrides: list[str] | None = None, only: li
         t0 = time.perf_counter()
         rows = run_single(job, case_dir)
         frame = pd.DataFrame([r.__dict__ for r in rows]).assign(case=case.name, paper=case.paper,
-                                                                 wall_seconds=time.perf_counter() - t0)
+                                                                 wall_seconds=time.perf_counter() - t0,
+                                                                 overrides=" ".join(f"--set {o}" for o in overrides or []))
         (case_dir / "case.json").write_text(key)
         frames.append(frame)
         log(f"{case.name}: PSNR {frame.psnr_mean.mean():.2f} +- {frame.psnr_mean.std(ddof=0):.2f} dB "
@@ -203,6 +204,13 @@ def markdown(exp: Experiment, frame: pd.DataFrame) -> str:
                      f"{ms('psnr_mean')} | {ms('psnr_best')} | {ms('ssim_mean')} | {ok.label_accuracy.mean():.2f} | "
                      f"{ok.update_l2.mean():.3g} | {ok.update_cosine_distance.mean():.3g} | {ok.update_sign_agreement.mean():.3f} | "
                      f"{ok.attack_seconds.mean():.1f} | {paper} |")
+    runs = frame.drop_duplicates("case").set_index("case")["overrides"] if "overrides" in frame else {}
+    commands: dict[str, list[str]] = {}
+    for name in order:
+        cmd = runs.get(name, "")
+        commands.setdefault(cmd if isinstance(cmd, str) else "", []).append(name)
+    lines += ["", "Run as:"] + [f"- `fedsim experiment experiments/{exp.name}.toml{' ' + cmd if cmd else ''}`: "
+                                 + ", ".join(names) for cmd, names in commands.items()]
     victims = [f"- `{k}`: {v.model} (width {v.width})" + (f", trained {v.train.epochs} epochs" if v.train else "")
                for k, v in exp.victims.items()]
     lines += ["", "Victims:", *victims, ""]

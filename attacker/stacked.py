@@ -1,0 +1,113 @@
+"""Many candidates through one network at once, with a parameter copy per candidate ("stacked" execution).
+
+Attack candidates (restarts, and independent problems that share the public model) all run the same network, but
+each needs its *own* simulated parameter update, so they cannot simply share a batch. ``vmap`` gets per-candidate
+gradients with generic batching rules, which over convolutions and BatchNorm were measured slower than a plain loop
+on CPU. Here the candidates are laid side by side in the channel dimension instead: a feature map is
+``[batch, candidates * channels, H, W]``, a convolution becomes a grouped convolution with one group per candidate,
+BatchNorm normalises each candidate's channels over its own batch (exactly the per-candidate statistics), and a linear
+layer is a batched matrix product. Parameters are tensors ``[candidates, *shape]``, so the gradient of the summed
+per-candidate losses is every candidate's own gradient, and the double backward the attack needs stays in a handful
+of large kernels instead of candidates x layers small ones.
+
+Only networks built from the layers below can be stacked (``stackable``); everything else takes the other paths.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Layers that act per channel (or elementwise) need no change; these are safe to keep as they are.
+CHANNELWISE = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+               nn.Identity, nn.Flatten)
+
+
+class StackedConv2d(nn.Module):
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.weight = conv.weight
+        self.bias = conv.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.weight.shape[0]
+        weight = self.weight.reshape(-1, *self.weight.shape[2:])
+        bias = None if self.bias is None else self.bias.reshape(-1)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups * c)
+
+
+class StackedBatchNorm(nn.Module):
+    """Train-mode BatchNorm with batch statistics only (what a client's local step uses)."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.eps = bn.eps
+        self.weight = bn.weight
+        self.bias = bn.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.reshape(-1)
+        bias = None if self.bias is None else self.bias.reshape(-1)
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+
+
+class StackedLinear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = linear.weight
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c, out_features, in_features = self.weight.shape
+        per = x.reshape(x.shape[0], c, in_features).transpose(0, 1)  # [C, B, in]
+        y = torch.bmm(per, self.weight.transpose(1, 2))  # [C, B, out]
+        if self.bias is not None:
+            y = y + self.bias[:, None]
+        return y.transpose(0, 1).reshape(x.shape[0], c * out_features)
+
+
+def stackable(model: nn.Module) -> bool:
+    """True if every leaf module is one this file can stack (so the network is correct in stacked layout)."""
+    for module in model.modules():
+        if next(module.children(), None) is not None:
+            continue
+        if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros":
+            continue
+        if isinstance(module, (nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, *CHANNELWISE)):
+            continue
+        return False
+    return True
+
+
+def stack_model(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose layers take per-candidate parameters [C, *shape] (through functional_call) and
+    features laid out as [batch, C * channels, ...]."""
+    stacked = copy.deepcopy(model)
+    for name, module in list(stacked.named_modules()):
+        if isinstance(module, nn.Conv2d):
+            replacement: nn.Module = StackedConv2d(module)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            replacement = StackedBatchNorm(module)
+        elif isinstance(module, nn.Linear):
+            replacement = StackedLinear(module)
+        else:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(stacked.get_submodule(parent_name) if parent_name else stacked, child, replacement)
+    return stacked
+
+
+def to_stacked_layout(x: torch.Tensor) -> torch.Tensor:
+    """[C, B, ch, *spatial] -> [B, C * ch, *spatial]."""
+    c, b = x.shape[:2]
+    return x.transpose(0, 1).reshape(b, c * x.shape[2], *x.shape[3:])
+
+
+def per_candidate(h: torch.Tensor, candidates: int) -> torch.Tensor:
+    """[B, C * ch, *spatial] -> [C, B, ch, *spatial]."""
+    b = h.shape[0]
+    return h.reshape(b, candidates, h.shape[1] // candidates, *h.shape[2:]).transpose(0, 1)
