@@ -10,7 +10,9 @@ layer is a batched matrix product. Parameters are tensors ``[candidates, *shape]
 per-candidate losses is every candidate's own gradient, and the double backward the attack needs stays in a handful
 of large kernels instead of candidates x layers small ones.
 
-Only networks built from the layers below can be stacked (``stackable``); everything else takes the other paths.
+Only networks built from the layers below can be stacked (``stackable``), and their forward must treat the channel
+dimension as opaque (flatten, pool, add; no reshape that splits channels); everything else takes the other paths.
+fedsim's model zoo is checked against the one-at-a-time path in tests/test_attacker_parts.py.
 """
 
 from __future__ import annotations
