@@ -129,7 +129,7 @@ class OptimizationAttack(Attack):
         first = observed[0]
         spec = first.model
         model = public_model(first)
-        simulator = VictimSimulator(model, step_schedule(cfg), cfg.lr, device)
+        simulator = VictimSimulator(model, step_schedule(cfg), cfg.lr, device, bn_mode=cfg.bn_mode)
         label_sets = [self.labels_for(obs, threat, cfg, model) for obs in observed]
         targets = {k: torch.stack([torch.from_numpy(np.asarray(obs.update[k], dtype=np.float32)) for obs in observed])
                    for k in simulator.params}

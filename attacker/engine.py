@@ -29,6 +29,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, replace_all_batch_norm_modules_, vmap
 
 from fedsim.registry import lookup, register
+from fedsim.training import set_bn_mode
 
 from .stacked import per_candidate, stack_model, stackable, to_stacked_layout
 
@@ -41,14 +42,18 @@ Tensors = dict[str, torch.Tensor]
 class VictimSimulator:
     """A functional copy of the public model that replays the client's local steps.
 
-    BatchNorm uses batch statistics (clients train in train mode) and keeps no running statistics, which would be
-    in-place state that ``vmap`` cannot batch and that does not enter the parameter update anyway.
+    BatchNorm follows the client's ``bn_mode``: with batch statistics ("train"; running statistics are dropped, they
+    would be in-place state that ``vmap`` cannot batch and they do not enter the parameter update) or with the
+    public model's fixed running statistics ("eval").
     """
 
-    def __init__(self, model: nn.Module, schedule: list[np.ndarray], lr: float, device: torch.device | str = "cpu"):
+    def __init__(self, model: nn.Module, schedule: list[np.ndarray], lr: float, device: torch.device | str = "cpu",
+                 bn_mode: str = "train"):
         self.model = copy.deepcopy(model).to(device)
-        replace_all_batch_norm_modules_(self.model)
-        self.model.train()
+        self.bn_mode = bn_mode
+        if bn_mode == "train":
+            replace_all_batch_norm_modules_(self.model)
+        set_bn_mode(self.model, bn_mode)
         self.params: Tensors = {k: v.detach() for k, v in self.model.named_parameters()}
         # Leaves for the plain-autograd path (one candidate at a time), where torch.func's wrappers only cost time.
         self.leaf_params: Tensors = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items()}

@@ -43,18 +43,25 @@ class StackedConv2d(nn.Module):
 
 
 class StackedBatchNorm(nn.Module):
-    """Train-mode BatchNorm with batch statistics only (what a client's local step uses)."""
+    """BatchNorm as the client's step uses it: each candidate's batch statistics (train mode), or the fixed running
+    statistics, repeated for every candidate (eval mode)."""
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
         super().__init__()
         self.eps = bn.eps
         self.weight = bn.weight
         self.bias = bn.bias
+        self.use_batch_stats = bn.training or bn.running_mean is None
+        self.running = None if self.use_batch_stats else (bn.running_mean.detach(), bn.running_var.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = None if self.weight is None else self.weight.reshape(-1)
         bias = None if self.bias is None else self.bias.reshape(-1)
-        return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        if self.use_batch_stats:
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        repeats = x.shape[1] // self.running[0].numel()
+        mean, var = (s.repeat(repeats) for s in self.running)
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
 
 
 class StackedLinear(nn.Module):

@@ -82,13 +82,14 @@ class ClientConfig(Section):
     batch_size: int = Field(default=1, ge=1)  # FedSGD: the one batch; FedAvg: local mini-batch size
     num_samples: int | None = Field(default=None, ge=1)  # local samples per round (FedSGD: batch_size)
     shuffle: bool = False  # FedAvg: reshuffle local samples every epoch
+    bn_mode: Literal["train", "eval"] = "train"  # BatchNorm statistics during local steps: batch or running (fixed)
 
     def train_config(self) -> TrainConfig:
         n = self.num_samples or self.batch_size
         if self.mode == "fedsgd":
-            return TrainConfig(mode="fedsgd", lr=self.lr, epochs=1, batch_size=n, num_samples=n)
+            return TrainConfig(mode="fedsgd", lr=self.lr, epochs=1, batch_size=n, num_samples=n, bn_mode=self.bn_mode)
         return TrainConfig(mode="fedavg", lr=self.lr, epochs=self.epochs, batch_size=self.batch_size,
-                           num_samples=n, shuffle=self.shuffle)
+                           num_samples=n, shuffle=self.shuffle, bn_mode=self.bn_mode)
 
 
 class ThreatConfig(Section):

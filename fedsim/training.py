@@ -24,6 +24,9 @@ class TrainConfig:
     batch_size: int = 1
     num_samples: int = 1
     shuffle: bool = False
+    # "train": BatchNorm normalises with batch statistics (a real client in train mode); "eval": with the running
+    # statistics, which stay fixed (Geiping et al.'s reference code simulated clients this way).
+    bn_mode: Literal["train", "eval"] = "train"
 
     def to_record(self) -> dict:
         return asdict(self)
@@ -70,8 +73,8 @@ def _capture_bn_stats(model: nn.Module, store: dict) -> list:
 
 def local_train(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
                 schedule: list[np.ndarray]) -> LocalResult:
-    """Plain SGD in train mode over ``schedule``; returns the new state dict (parameters and buffers)."""
-    model.train()
+    """Plain SGD in train mode (BatchNorm as ``cfg.bn_mode``) over ``schedule``; returns the new state dict."""
+    set_bn_mode(model, cfg.bn_mode)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     loss_fn = nn.CrossEntropyLoss()
     bn_stats: dict = {}
@@ -90,6 +93,14 @@ def local_train(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, cf
             h.remove()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return LocalResult(state=state, loss=float(np.mean(losses)), bn_stats=bn_stats)
+
+
+def set_bn_mode(model: nn.Module, bn_mode: str) -> None:
+    """Train mode, with BatchNorm layers in ``bn_mode`` (see TrainConfig.bn_mode)."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.train(bn_mode == "train")
 
 
 def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
