@@ -13,7 +13,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -46,8 +45,14 @@ with contextlib.redirect_stdout(io.StringIO()):
     cfg = breaching.get_attack_config(args.attack, overrides=overrides)
     attacker = breaching.attacks.prepare_attack(model, torch.nn.CrossEntropyLoss(), cfg,
                                                 dict(dtype=torch.float, device=torch.device("cpu")))
-metadata = SimpleNamespace(shape=tuple(case["shape"]), mean=case["mean"], std=case["std"], modality="vision",
-                           classes=case["num_classes"])
+class Metadata(dict):
+    """breaching reads data metadata both as attributes and as keys (it is an OmegaConf config there)."""
+
+    __getattr__ = dict.__getitem__
+
+
+metadata = Metadata(shape=tuple(case["shape"]), mean=case["mean"], std=case["std"], modality="vision",
+                    classes=case["num_classes"], task="classification")
 payload = [dict(parameters=[p.detach().clone() for p in model.parameters()],
                 buffers=[b.detach().clone() for b in model.buffers()], metadata=metadata)]
 shared = [dict(gradients=[g.clone() for g in case["gradient"]], buffers=None,
