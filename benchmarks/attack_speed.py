@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--restarts", default="1,8")
     parser.add_argument("--iterations", type=int, default=0, help="override every setup's iteration count")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="fedsim attacks with compile=true (torch.compile of "
+                        "the batched step; compile time is paid in the warm-up and not counted)")
     parser.add_argument("--breaching-python", default=os.environ.get("BREACHING_PYTHON", ""))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -110,6 +112,7 @@ def main() -> None:
     print("|" + "---|" * 12)
     for attack_name in args.attacks.split(","):
         spec, config, models = SETUPS[attack_name]
+        spec = {**spec, "compile": args.compile}
         for model_name, width, iters in models:
             iters = args.iterations or iters
             for batch in [int(b) for b in args.batches.split(",")]:
