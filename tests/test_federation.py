@@ -64,7 +64,7 @@ def test_attacks_receive_only_what_the_server_observes(tmp_path, data_dir):
         assert isinstance(obs, ObservedUpdate) and set(vars(obs)) == allowed
         assert set(obs.shared) == {"labels"}  # known labels are shared (as a sorted multiset), nothing else
         assert obs.shared["labels"] == sorted(obs.shared["labels"])
-        assert set(obs.train_config) == {"mode", "lr", "epochs", "batch_size", "num_samples", "shuffle"}
+        assert set(obs.train_config) == {"mode", "lr", "epochs", "batch_size", "num_samples", "shuffle", "bn_mode"}
         assert obs.defenses == ("topk(fraction=0.5)",)
         blob = pickle.dumps(obs)
         assert b"sample-ids" not in blob and b"step-ids" not in blob and b"audit" not in blob
