@@ -609,6 +609,9 @@ class AttackEngine:
         if batching == "auto":
             batching = self.auto_batching(problem.simulator, candidates)
         if batching == "stacked":
+            if not problem.simulator.stackable:
+                raise ValueError("batching 'stacked' needs a victim built from Conv2d, BatchNorm, Linear and "
+                                 "channel-wise layers; use auto, vmap or loop")
             return self._stacked_executors(problem)
         if batching == "vmap":
             per = self._per_candidate(problem, functional=True)
@@ -673,13 +676,12 @@ class AttackEngine:
             first = next(iter(variables.values()))
             P, R = first.shape[:2]
             flat = {k: v.reshape(P * R, *v.shape[2:]).detach().requires_grad_(with_grad) for k, v in variables.items()}
-            per_candidate_labels = labels[:, None].expand(P, R, *labels.shape[1:]).reshape(P * R, *labels.shape[1:])
 
-            def spread(t):  # [P, ...] -> [P * R, ...]
+            def spread(t):  # per problem [P, ...] -> per candidate [P * R, ...]
                 return t[:, None].expand(P, R, *t.shape[1:]).reshape(P * R, *t.shape[1:])
 
             with torch.enable_grad():
-                x, y = space.decode(flat, per_candidate_labels)
+                x, y = space.decode(flat, spread(labels))
                 update, captured = sim.stacked_update(x, y, capture)
                 matching = objective({k: v / scale for k, v in update.items()},
                                      {k: spread(v) for k, v in targets.items()})

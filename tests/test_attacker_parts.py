@@ -129,6 +129,16 @@ def test_stacked_path_gives_the_loop_paths_losses_and_gradients(model_name, cfg,
     assert AttackEngine.auto_batching(sim, P * R) == ("vmap" if model_name == "lenet_zhu" else "stacked")
 
 
+def test_stacked_path_refuses_a_victim_it_cannot_stack():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 16), nn.LayerNorm(16), nn.Linear(16, 10))
+    sim = VictimSimulator(model, step_schedule(TrainConfig(lr=1.0)), 1.0)
+    problem = InversionProblem(sim, {k: torch.zeros(1, *v.shape) for k, v in sim.params.items()},
+                               torch.tensor([[1]]), (3, 32, 32), (0.5,) * 3, (0.5,) * 3)
+    assert not sim.stackable
+    with pytest.raises(ValueError, match="stacked"):
+        AttackEngine(EngineSpec(batching="stacked", restarts=2))._executors(problem, 2)
+
+
 def test_objectives_on_known_pairs():
     a = {"w": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.0])}
     assert OBJECTIVES["cosine"](a, a).item() == pytest.approx(0.0, abs=1e-6)
