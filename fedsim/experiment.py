@@ -124,11 +124,13 @@ def run_experiment_file(path: Path, overrides: list[str] | None = None, only: li
         if only and not any(o.lower() in case.name.lower() for o in only):
             continue
         case_dir = out / slug(case.name)
-        key = json.dumps({"case": case.model_dump(), "victim": exp.victims[case.victim].model_dump(),
-                          "dataset": exp.dataset, "split": exp.split, "indices": exp.indices, "seed": exp.seed},
-                         sort_keys=True)
-        if old is not None and (case_dir / "case.json").is_file() and (case_dir / "case.json").read_text() == key \
-                and case.name in set(old.case):
+        settings = {"case": case.model_dump(), "victim": exp.victims[case.victim].model_dump(),
+                    "dataset": exp.dataset, "split": exp.split, "indices": exp.indices, "seed": exp.seed}
+        explicit = {"case": case.model_dump(exclude_defaults=True),
+                    "victim": exp.victims[case.victim].model_dump(exclude_defaults=True)}
+        key = json.dumps(settings, sort_keys=True)
+        if old is not None and (case_dir / "case.json").is_file() and case.name in set(old.case) \
+                and same_settings(json.loads((case_dir / "case.json").read_text()), settings, explicit):
             frames.append(old[old.case == case.name])  # finished earlier with identical settings: reuse
             log(f"{case.name}: reused finished results")
             continue
@@ -155,6 +157,26 @@ def run_experiment_file(path: Path, overrides: list[str] | None = None, only: li
     if not frames:
         raise ConfigError(f"no case matches {only}")
     return _save(exp, path, previous, old, pd.concat(frames, ignore_index=True))
+
+
+def same_settings(stored: object, current: object, explicit: object) -> bool:
+    """True if a finished case's stored settings equal the current ones. A field the stored settings lack (added to
+    the config schema after the case ran) matches when it is at its default now, which by convention reproduces the
+    old behaviour; a changed value, including a changed default, does not match. ``explicit`` is the current
+    settings without their default-valued fields (``model_dump(exclude_defaults=True)``)."""
+    if not isinstance(current, dict) or not isinstance(stored, dict):
+        return stored == current
+    explicit = explicit if isinstance(explicit, dict) else {}
+    if set(stored) - set(current):  # a field that no longer exists: the case ran under another schema
+        return False
+    for name, value in current.items():
+        if name in stored:
+            nested = explicit.get(name, {}) if isinstance(value, dict) else explicit.get(name)
+            if not same_settings(stored[name], value, nested):
+                return False
+        elif name in explicit:
+            return False
+    return True
 
 
 def _save(exp: Experiment, path: Path, table: Path, old: pd.DataFrame | None, new: pd.DataFrame) -> pd.DataFrame:

@@ -48,3 +48,41 @@ attack = {{ name = "dlg", iterations = 2, restarts = 2 }}
     again = run_experiment_file(config, log=logs.append)
     assert sum("reused" in line for line in logs) == 2
     pd.testing.assert_frame_equal(frame.reset_index(drop=True), again.reset_index(drop=True))
+
+
+def test_reuse_survives_a_new_default_field_but_not_a_changed_value(tmp_path, synthetic_npz):
+    import json
+
+    config = tmp_path / "grow.toml"
+    config.write_text(f'''
+name = "grow"
+title = "schema growth"
+dataset = "{synthetic_npz}"
+split = "train"
+indices = "0-1"
+output_dir = "{tmp_path / 'runs'}"
+
+[victims.lenet]
+model = "lenet_zhu"
+
+[[cases]]
+name = "IG"
+victim = "lenet"
+attack = {{ name = "inverting_gradients", iterations = 3 }}
+''')
+    logs: list[str] = []
+    run_experiment_file(config, log=logs.append)
+    stored = tmp_path / "runs" / "grow" / "ig" / "case.json"
+    settings = json.loads(stored.read_text())
+    # a case finished before ClientConfig had bn_mode: the field is missing from its stored settings
+    del settings["case"]["client"]["bn_mode"]
+    stored.write_text(json.dumps(settings))
+    run_experiment_file(config, log=logs.append)
+    assert logs[-1] == "IG: reused finished results"
+    # a stored value that differs from the current one (here the default's value) forces a rerun
+    settings["case"]["client"]["bn_mode"] = "eval"
+    stored.write_text(json.dumps(settings))
+    run_experiment_file(config, log=logs.append)
+    assert "reused" not in logs[-1] and logs[-1].startswith("IG: PSNR")
+    run_experiment_file(config, ["cases.0.attack.iterations=4"], log=logs.append)
+    assert "reused" not in logs[-1]
