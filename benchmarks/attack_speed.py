@@ -85,7 +85,8 @@ def run_breaching(python: str, config: str, model, gradient, labels, mean, std, 
     with tempfile.TemporaryDirectory() as tmp:
         case, out = Path(tmp) / "case.pt", Path(tmp) / "images.pt"
         torch.save({"model": model_name, "num_classes": 10, "width": width, "state": model.state_dict(),
-                    "gradient": gradient, "labels": labels, "shape": (3, 32, 32), "mean": mean, "std": std}, case)
+                    "gradient": gradient, "labels": labels, "shape": (3, 32, 32), "mean": mean, "std": std,
+                    "bn_mode": "train"}, case)  # make_case's client step: BatchNorm on batch statistics
         done = subprocess.run([python, str(ROOT / "benchmarks" / "breaching_side.py"), "--case", str(case),
                                "--attack", config, "--restarts", str(restarts), "--iterations", str(iterations),
                                "--tv", str(tv), "--out", str(out)], capture_output=True, text=True, timeout=7200)

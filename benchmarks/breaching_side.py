@@ -53,8 +53,12 @@ class Metadata(dict):
 
 metadata = Metadata(shape=tuple(case["shape"]), mean=case["mean"], std=case["std"], modality="vision",
                     classes=case["num_classes"], task="classification")
+# The target update was computed with the client's BatchNorm mode. breaching simulates eval mode when the server
+# payload carries buffers and train mode (batch statistics) when it carries none, so send buffers only for eval.
+train_mode = case.get("bn_mode", "train") == "train" and any(
+    isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 payload = [dict(parameters=[p.detach().clone() for p in model.parameters()],
-                buffers=[b.detach().clone() for b in model.buffers()], metadata=metadata)]
+                buffers=None if train_mode else [b.detach().clone() for b in model.buffers()], metadata=metadata)]
 shared = [dict(gradients=[g.clone() for g in case["gradient"]], buffers=None,
                metadata=dict(num_data_points=len(case["labels"]),
                              # DLG optimises labels jointly: breaching refuses given labels there
