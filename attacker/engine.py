@@ -91,12 +91,24 @@ class VictimSimulator:
         """Parameter update (new minus old) after the client's SGD steps on candidate batch ``x``.
 
         ``functional=True`` uses torch.func (needed under vmap); ``False`` plain autograd, same arithmetic."""
+        return self.update_capturing(x, y, functional)[0]
+
+    def update_capturing(self, x: torch.Tensor, y: torch.Tensor, functional: bool = True,
+                         capture: tuple[str, ...] = ()) -> tuple[Tensors, dict]:
+        """``update`` plus what the regularisers read from the first step's forward (``capture``: ``"bn"``, the
+        BatchNorm input statistics; ``"features"``, the classifier input), taken from that same forward pass
+        instead of an extra one."""
         start = self.params if functional else self.leaf_params
-        params = start
-        for positions in self.schedule:
-            grads = self._grads(params, x[positions], y[positions], functional)
+        params, captured = start, {}
+        for step, positions in enumerate(self.schedule):
+            handles = self._capture(self.model, captured, capture) if step == 0 else []
+            try:
+                grads = self._grads(params, x[positions], y[positions], functional)
+            finally:
+                for handle in handles:
+                    handle.remove()
             params = {k: params[k] - self.lr * grads[k] for k in params}
-        return {k: params[k] - start[k] for k in params}
+        return {k: params[k] - start[k] for k in params}, captured
 
     def stacked_update(self, x: torch.Tensor, y: torch.Tensor, capture: tuple[str, ...] = ()) -> tuple[Tensors, dict]:
         """Updates of C candidates at once (``x`` [C, B, ...], ``y`` [C, B] or soft [C, B, K]), each [C, *shape],
@@ -109,7 +121,7 @@ class VictimSimulator:
         start = {k: v.expand(count, *v.shape) for k, v in self.leaf_params.items()}
         params, captured = start, {}
         for step, positions in enumerate(self.schedule):
-            handles = self._capture(captured, count, capture) if step == 0 else []
+            handles = self._capture(self._stacked, captured, capture, count) if step == 0 else []
             try:
                 loss = self._stacked_loss(params, x[:, positions], y[:, positions])
             finally:
@@ -130,59 +142,53 @@ class VictimSimulator:
                                               reduction="none").view(count, batch).mean(1)
         return per.sum()  # candidates are independent: the gradient of the sum is each one's own gradient
 
-    def _capture(self, captured: dict, count: int, what: tuple[str, ...]) -> list:
+    def _capture(self, network: nn.Module, captured: dict, what: tuple[str, ...], count: int = 0) -> list:
+        """Forward pre-hooks on ``network`` that store BatchNorm input statistics (``"bn"``: list of (mean, var) per
+        layer, each [channels], or [count, channels] for the stacked network of ``count`` candidates) and the
+        classifier input (``"features"``) into ``captured``. The caller removes the returned handles."""
         handles = []
         if "bn" in what:
             captured["bn"] = []
 
             def bn_hook(_module, inputs):
-                # Statistics per stacked channel (over batch and space) are per candidate and channel. The variance
-                # is taken around the detached mean, E[(h - s)^2] - (mean - s)^2 with s = mean: same value and
-                # gradient as var_mean, stable, and half its cost with backward (measured 17 vs 35 ms per layer).
+                # Statistics per (stacked) channel over batch and space; on the stacked layout those are per
+                # candidate and channel. The variance is taken around the detached mean, E[(h - s)^2] - (mean - s)^2
+                # with s = mean: var_mean's value and gradient at half its cost with backward (17 vs 35 ms/layer).
                 h = inputs[0]
                 dims = [d for d in range(h.dim()) if d != 1]
                 mean = h.mean(dims)
                 shift = mean.detach()
                 centred = h - shift.view(-1, *[1] * (h.dim() - 2))
                 var = (centred * centred).mean(dims) - (mean - shift) ** 2
-                captured["bn"].append((mean.view(count, -1), var.view(count, -1)))
+                captured["bn"].append((mean.view(count, -1), var.view(count, -1)) if count else (mean, var))
 
-            handles += [self._stacked.get_submodule(n).register_forward_pre_hook(bn_hook) for n in self.bn_layers]
+            handles += [network.get_submodule(n).register_forward_pre_hook(bn_hook) for n in self.bn_layers]
         if "features" in what and self.feature_layer is not None:
             def feature_hook(_module, inputs):
-                captured["features"] = per_candidate(inputs[0], count)
+                captured["features"] = per_candidate(inputs[0], count) if count else inputs[0]
 
-            handles.append(self._stacked.get_submodule(self.feature_layer).register_forward_pre_hook(feature_hook))
+            handles.append(network.get_submodule(self.feature_layer).register_forward_pre_hook(feature_hook))
         return handles
+
+    def _first_step_forward(self, x: torch.Tensor, what: tuple[str, ...]) -> dict:
+        captured: dict = {}
+        handles = self._capture(self.model, captured, what)
+        try:
+            functional_call(self.model, (self.params, self.buffers), (x[self.schedule[0]],))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured
 
     def bn_statistics(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Batch mean and biased variance at every BatchNorm input for the client's first step on ``x``."""
-        stats: list = []
-        modules = dict(self.model.named_modules())
+        return self._first_step_forward(x, ("bn",))["bn"]
 
-        def hook(_module, inputs):
-            h = inputs[0]
-            dims = [d for d in range(h.dim()) if d != 1]
-            stats.append((h.mean(dims), h.var(dims, unbiased=False)))
-
-        handles = [modules[name].register_forward_pre_hook(hook) for name in self.bn_layers]
-        try:
-            functional_call(self.model, (self.params, self.buffers), (x[self.schedule[0]],))
-        finally:
-            for h in handles:
-                h.remove()
-        return stats
-
-    def features(self, x: torch.Tensor, layer: str) -> torch.Tensor:
-        """Input of module ``layer`` (e.g. the classifier) for the first-step batch."""
-        captured: list = []
-        handle = dict(self.model.named_modules())[layer].register_forward_pre_hook(
-            lambda _m, inputs: captured.append(inputs[0]))
-        try:
-            functional_call(self.model, (self.params, self.buffers), (x[self.schedule[0]],))
-        finally:
-            handle.remove()
-        return captured[0]
+    def features(self, x: torch.Tensor, layer: str | None = None) -> torch.Tensor:
+        """Input of the classifier (``feature_layer``) for the first-step batch."""
+        if layer not in (None, self.feature_layer):
+            raise ValueError(f"features are captured at the classifier {self.feature_layer!r}, not {layer!r}")
+        return self._first_step_forward(x, ("features",))["features"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -583,20 +589,25 @@ class AttackEngine:
         space = SEARCH_SPACES[self.spec.search_space]
         regs = [(REGULARIZERS[name], weight) for name, weight in self.spec.regularizers if weight]
         sim = problem.simulator
-
+        capture = self._capture_for(regs)
         scale, matching_weight = self.spec.update_scale, self.spec.matching_weight
 
         def loss(variables: Tensors, y: torch.Tensor, target: Tensors, aux: Tensors, anchor: torch.Tensor):
             x, y = space.decode(variables, y)
-            simulated = {k: v / scale for k, v in sim.update(x, y, functional).items()}
-            matching = objective(simulated, target)
+            update, captured = sim.update_capturing(x, y, functional, capture)
+            matching = objective({k: v / scale for k, v in update.items()}, target)
             total = matching_weight * matching
-            ctx = CandidateContext(sim, aux, anchor)
+            ctx = CandidateContext(sim, aux, anchor, captured.get("bn"), captured.get("features"))
             for reg, weight in regs:
                 total = total + weight * reg(x, ctx)
             return total, matching
 
         return loss
+
+    @staticmethod
+    def _capture_for(regs: list) -> tuple[str, ...]:
+        """What the simulated update should capture for these regularisers (saves them a forward pass)."""
+        return tuple(name for name in ("bn", "features") if any(REGULARIZERS[name] is r for r, _ in regs))
 
     @classmethod
     def auto_batching(cls, sim: VictimSimulator, candidates: int) -> str:
@@ -670,7 +681,7 @@ class AttackEngine:
         objective = vmap(OBJECTIVES[self.spec.objective])
         space = SEARCH_SPACES[self.spec.search_space]
         regs = [(REGULARIZERS[name], weight) for name, weight in self.spec.regularizers if weight]
-        capture = tuple(name for name in ("bn", "features") if any(REGULARIZERS[name] is r for r, _ in regs))
+        capture = self._capture_for(regs)
         scale, matching_weight = self.spec.update_scale, self.spec.matching_weight
 
         def regularize(x, aux, anchor, captured):

@@ -93,8 +93,8 @@ def test_vmap_and_loop_paths_give_the_gradients_of_hand_written_autograd():
     # LeNet with DLG's soft labels searched jointly
     ("lenet_zhu", TrainConfig(lr=1.0), "pixels_and_labels", (("tv", 1e-2),)),
 ])
-def test_stacked_path_gives_the_loop_paths_losses_and_gradients(model_name, cfg, space, regs, float64):
-    """Candidates side by side in the channel dimension (grouped convolutions, per-candidate BatchNorm) compute
+def test_batching_paths_give_the_same_losses_and_gradients(model_name, cfg, space, regs, float64):
+    """vmap, and candidates side by side in the channel dimension (grouped convolutions, per-candidate BatchNorm) compute
     exactly what one-candidate-at-a-time autograd computes, for every part that reads the network. In float64:
     through two BatchNorm steps on batches of 2, float32 rounding alone moves single gradients by ~2%."""
     torch.manual_seed(0)
@@ -116,17 +116,40 @@ def test_stacked_path_gives_the_loop_paths_losses_and_gradients(model_name, cfg,
         variables["label_logits"] = torch.randn(P, R, batch, 10)
     anchors = torch.randn_like(variables["x"])
     out = {}
-    for batching in ("loop", "stacked"):
+    for batching in ("loop", "stacked", "vmap"):
         spec = EngineSpec(objective="l2", regularizers=regs, search_space=space, batching=batching, restarts=R)
         step, _ = AttackEngine(spec)._executors(problem, P * R)
         out[batching] = step(variables, labels, targets, aux, anchors)
-    (loop_total, loop_matching, loop_grads), (total, matching, grads) = out["loop"], out["stacked"]
-    assert torch.allclose(total, loop_total, rtol=1e-10, atol=1e-12)
-    assert torch.allclose(matching, loop_matching, rtol=1e-10, atol=1e-12)
-    for key in loop_grads:
-        scale = loop_grads[key].abs().max()
-        assert (grads[key] - loop_grads[key]).abs().max() <= 1e-9 * scale, key
+    loop_total, loop_matching, loop_grads = out["loop"]
+    for batching in ("stacked", "vmap"):
+        total, matching, grads = out[batching]
+        assert torch.allclose(total, loop_total, rtol=1e-10, atol=1e-12), batching
+        assert torch.allclose(matching, loop_matching, rtol=1e-10, atol=1e-12), batching
+        for key in loop_grads:
+            scale = loop_grads[key].abs().max()
+            assert (grads[key] - loop_grads[key]).abs().max() <= 1e-9 * scale, (batching, key)
     assert AttackEngine.auto_batching(sim, P * R) == ("vmap" if model_name == "lenet_zhu" else "stacked")
+
+
+def test_update_captures_the_first_steps_bn_statistics_and_classifier_input(float64):
+    """What the regularisers read is taken from the simulated update's own first forward pass; check it against the
+    network's layers applied by hand (first BatchNorm input, classifier input) and the stacked path's capture."""
+    torch.manual_seed(0)
+    model = build_model("convnet", 10, width=4)
+    cfg = TrainConfig(mode="fedavg", lr=0.1, epochs=1, batch_size=2, num_samples=4)
+    sim = VictimSimulator(model, step_schedule(cfg), cfg.lr)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 7, 3, 3])
+    _, captured = sim.update_capturing(x, y, functional=False, capture=("bn", "features"))
+    first = x[sim.schedule[0]]
+    conv0 = model.features[0](first)
+    var, mean = torch.var_mean(conv0, (0, 2, 3), unbiased=False)
+    assert len(captured["bn"]) == 8
+    assert torch.allclose(captured["bn"][0][0], mean, atol=1e-12) and torch.allclose(captured["bn"][0][1], var)
+    model.train()
+    assert torch.allclose(captured["features"], model.features(first).flatten(1), atol=1e-12)
+    _, stacked = sim.stacked_update(torch.stack([x, x.flip(0)]), torch.stack([y, y.flip(0)]), ("bn", "features"))
+    assert torch.allclose(stacked["bn"][3][1][0], captured["bn"][3][1], atol=1e-12)
+    assert torch.allclose(stacked["features"][0], captured["features"], atol=1e-12)
 
 
 def test_stacked_path_refuses_a_victim_it_cannot_stack():
