@@ -1,5 +1,7 @@
 """The paper-table runner: batches with distinct labels, markdown output, reuse of finished cases."""
 
+import json
+
 import numpy as np
 import pandas as pd
 
@@ -14,23 +16,29 @@ def test_distinct_label_order_groups_without_repeats():
     assert len(set(order)) == len(order) == 8
 
 
-def test_tiny_experiment_writes_a_table_and_reuses_finished_cases(tmp_path, synthetic_npz):
-    config = tmp_path / "tiny.toml"
+def write_config(tmp_path, name, data, indices, cases):
+    """An experiment on the synthetic dataset with one LeNet(Zhu) victim and the given [[cases]] TOML."""
+    config = tmp_path / f"{name}.toml"
     config.write_text(f'''
-name = "tiny"
-title = "tiny table"
-dataset = "{synthetic_npz}"
+name = "{name}"
+title = "{name} table"
+dataset = "{data}"
 split = "train"
-indices = "0-3"
+indices = "{indices}"
 output_dir = "{tmp_path / 'runs'}"
 
 [victims.lenet]
 model = "lenet_zhu"
+{cases}''')
+    return config
 
+
+def test_tiny_experiment_writes_a_table_and_reuses_finished_cases(tmp_path, synthetic_npz):
+    config = write_config(tmp_path, "tiny", synthetic_npz, "0-3", '''
 [[cases]]
 name = "IG"
 victim = "lenet"
-attack = {{ name = "inverting_gradients", iterations = 5 }}
+attack = { name = "inverting_gradients", iterations = 5 }
 paper = "18.00 ± 3.33"
 
 [[cases]]
@@ -38,7 +46,7 @@ name = "DLG"
 victim = "lenet"
 batch_size = 2
 distinct_labels = true
-attack = {{ name = "dlg", iterations = 2, restarts = 2 }}
+attack = { name = "dlg", iterations = 2, restarts = 2 }
 ''')
     logs: list[str] = []
     frame = run_experiment_file(config, log=logs.append)
@@ -51,24 +59,11 @@ attack = {{ name = "dlg", iterations = 2, restarts = 2 }}
 
 
 def test_reuse_survives_a_new_default_field_but_not_a_changed_value(tmp_path, synthetic_npz):
-    import json
-
-    config = tmp_path / "grow.toml"
-    config.write_text(f'''
-name = "grow"
-title = "schema growth"
-dataset = "{synthetic_npz}"
-split = "train"
-indices = "0-1"
-output_dir = "{tmp_path / 'runs'}"
-
-[victims.lenet]
-model = "lenet_zhu"
-
+    config = write_config(tmp_path, "grow", synthetic_npz, "0-1", '''
 [[cases]]
 name = "IG"
 victim = "lenet"
-attack = {{ name = "inverting_gradients", iterations = 3 }}
+attack = { name = "inverting_gradients", iterations = 3 }
 ''')
     logs: list[str] = []
     run_experiment_file(config, log=logs.append)
