@@ -38,3 +38,12 @@ def synthetic_npz(tmp_path) -> Path:
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)
+
+
+@pytest.fixture
+def float64():
+    """Default dtype float64 for the test (exactness checks that float32 rounding would blur)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

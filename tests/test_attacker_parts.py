@@ -13,14 +13,6 @@ from fedsim.models import build_model
 from fedsim.training import TrainConfig, float_state, local_train, step_schedule
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def client_update(model, x, y, cfg):
     start = float_state(model)
     result = local_train(model, x, y, cfg, step_schedule(cfg))
