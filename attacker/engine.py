@@ -392,16 +392,16 @@ class BatchedLBFGS:
             offset += n
 
     def _direction(self, g: torch.Tensor) -> torch.Tensor:
+        # Two-loop recursion; each pair costs a few small kernels, so fused ones (vecdot, addcmul) matter here.
         q = -g
         alphas = []
         for s, y, rho in zip(reversed(self.s), reversed(self.y), reversed(self.rho)):
-            a = rho * (s * q).sum(1)
+            a = rho * torch.linalg.vecdot(s, q)
             alphas.append(a)
-            q = q - a[:, None] * y
+            q = torch.addcmul(q, a[:, None], y, value=-1.0)
         r = q * self.h_diag[:, None]
         for (s, y, rho), a in zip(zip(self.s, self.y, self.rho), reversed(alphas)):
-            b = rho * (y * r).sum(1)
-            r = r + s * (a - b)[:, None]
+            r = torch.addcmul(r, (a - rho * torch.linalg.vecdot(y, r))[:, None], s)
         return r
 
     def step(self, closure):
