@@ -119,6 +119,10 @@ def run_experiment_file(path: Path, overrides: list[str] | None = None, only: li
     indices = parse_indices(exp.indices)
     frames = []
     previous = out / "leakage.parquet"
+    # The table lives next to the config, except when --set output_dir sends this run elsewhere (a side study must
+    # not overwrite the committed table with its own rows): then it goes to that output directory.
+    moved = any(o.split("=", 1)[0].strip() == "output_dir" for o in overrides or [])
+    table_md = out / f"{exp.name}.md" if moved else path.with_suffix(".md")
     old = pd.read_parquet(previous) if previous.is_file() else None
     for case in exp.cases:
         if only and not any(o.lower() in case.name.lower() for o in only):
@@ -153,10 +157,10 @@ def run_experiment_file(path: Path, overrides: list[str] | None = None, only: li
         frames.append(frame)
         log(f"{case.name}: PSNR {frame.psnr_mean.mean():.2f} +- {frame.psnr_mean.std(ddof=0):.2f} dB "
             f"({len(frame)} updates, {frame.wall_seconds.iloc[0]:.0f} s)")
-        old = _save(exp, path, previous, old, pd.concat(frames, ignore_index=True))  # after every case
+        old = _save(exp, table_md, previous, old, pd.concat(frames, ignore_index=True))  # after every case
     if not frames:
         raise ConfigError(f"no case matches {only}")
-    return _save(exp, path, previous, old, pd.concat(frames, ignore_index=True))
+    return _save(exp, table_md, previous, old, pd.concat(frames, ignore_index=True))
 
 
 def same_settings(stored: object, current: object, explicit: object) -> bool:
@@ -179,11 +183,11 @@ def same_settings(stored: object, current: object, explicit: object) -> bool:
     return True
 
 
-def _save(exp: Experiment, path: Path, table: Path, old: pd.DataFrame | None, new: pd.DataFrame) -> pd.DataFrame:
+def _save(exp: Experiment, table_md: Path, table: Path, old: pd.DataFrame | None, new: pd.DataFrame) -> pd.DataFrame:
     """Merge with earlier rows of other cases, persist, and rewrite the markdown table."""
     merged = new if old is None else pd.concat([old[~old.case.isin(new.case.unique())], new], ignore_index=True)
     merged.to_parquet(table, index=False)
-    path.with_suffix(".md").write_text(markdown(exp, merged))
+    table_md.write_text(markdown(exp, merged))
     return merged
 
 

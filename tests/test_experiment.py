@@ -81,3 +81,8 @@ attack = { name = "inverting_gradients", iterations = 3 }
     assert "reused" not in logs[-1] and logs[-1].startswith("IG: PSNR")
     run_experiment_file(config, ["cases.0.attack.iterations=4"], log=logs.append)
     assert "reused" not in logs[-1]
+    # a side study sent elsewhere with --set output_dir leaves the committed table alone
+    committed = config.with_suffix(".md").read_text()
+    run_experiment_file(config, [f"output_dir={tmp_path / 'side'}"], log=logs.append)
+    assert config.with_suffix(".md").read_text() == committed
+    assert "| IG | 2 |" in (tmp_path / "side" / "grow" / "grow.md").read_text()
