@@ -184,10 +184,8 @@ class VictimSimulator:
         """Batch mean and biased variance at every BatchNorm input for the client's first step on ``x``."""
         return self._first_step_forward(x, ("bn",))["bn"]
 
-    def features(self, x: torch.Tensor, layer: str | None = None) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
         """Input of the classifier (``feature_layer``) for the first-step batch."""
-        if layer not in (None, self.feature_layer):
-            raise ValueError(f"features are captured at the classifier {self.feature_layer!r}, not {layer!r}")
         return self._first_step_forward(x, ("features",))["features"]
 
 
@@ -277,8 +275,7 @@ def group_consistency(x: torch.Tensor, ctx: CandidateContext) -> torch.Tensor:
 @register(REGULARIZERS, "features")
 def feature_matching(x: torch.Tensor, ctx: CandidateContext) -> torch.Tensor:
     """Distance of the classifier's input features to those recovered analytically from the update."""
-    layer = ctx.simulator.feature_layer
-    feats = (ctx.features if ctx.features is not None else ctx.simulator.features(x, layer)).flatten(1)
+    feats = (ctx.features if ctx.features is not None else ctx.simulator.features(x)).flatten(1)
     target = ctx.aux["features"]
     valid = torch.isfinite(target).all(dim=1, keepdim=True)
     return ((feats - torch.nan_to_num(target)) * valid).pow(2).mean()

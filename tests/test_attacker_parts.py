@@ -86,8 +86,8 @@ def test_vmap_and_loop_paths_give_the_gradients_of_hand_written_autograd():
     ("lenet_zhu", TrainConfig(lr=1.0), "pixels_and_labels", (("tv", 1e-2),)),
 ])
 def test_batching_paths_give_the_same_losses_and_gradients(model_name, cfg, space, regs, float64):
-    """vmap, and candidates side by side in the channel dimension (grouped convolutions, per-candidate BatchNorm) compute
-    exactly what one-candidate-at-a-time autograd computes, for every part that reads the network. In float64:
+    """vmap, and candidates side by side in the channel dimension (grouped convolutions, per-candidate BatchNorm),
+    compute exactly what one-candidate-at-a-time autograd computes, for every part that reads the network. In float64:
     through two BatchNorm steps on batches of 2, float32 rounding alone moves single gradients by ~2%."""
     torch.manual_seed(0)
     model = build_model(model_name, 10, width=4)
@@ -99,7 +99,7 @@ def test_batching_paths_give_the_same_losses_and_gradients(model_name, cfg, spac
     true_x = torch.randn(batch, 3, 32, 32)
     aux = {f"bn.{m}.{i}": torch.stack([s[j], s[j] * 1.1]).detach()
            for i, s in enumerate(sim.bn_statistics(true_x)) for j, m in enumerate(("mean", "var"))}
-    aux["features"] = torch.stack([sim.features(true_x, sim.feature_layer)] * 2).detach()
+    aux["features"] = torch.stack([sim.features(true_x)] * 2).detach()
     targets = {k: torch.randn(P, *v.shape) for k, v in sim.params.items()}
     labels = torch.tensor([[1, 7, 3, 3][:batch], [0, 2, 2, 9][:batch]])
     problem = InversionProblem(sim, targets, labels, (3, 32, 32), (0.5,) * 3, (0.5,) * 3, aux=aux)
