@@ -509,9 +509,9 @@ class EngineSpec:
     # attack), so L2 weights mean what they mean in the papers, which match gradients. Cosine is unaffected.
     update_scale: float = 1.0
     matching_weight: float = 1.0
-    # How candidates (problems x restarts) are computed: "vmap" batches them in one computation (pays off for small,
-    # overhead-bound victims), "loop" runs plain autograd one after another (faster for one candidate and for large
-    # victims, see benchmarks/README.md), "auto" picks by candidate count and victim size.
+    # How candidates (problems x restarts) are computed: "stacked" (attacker/stacked.py) and "vmap" batch them in one
+    # computation (pays off for small, overhead-bound victims), "loop" runs plain autograd one after another (faster
+    # for one candidate and for large victims, see benchmarks/README.md), "auto" picks by candidate count and victim.
     batching: str = "auto"
     compile: bool = False  # torch.compile the batched step (~1 min to compile, then ~2.5x faster on LeNet)
 
@@ -574,7 +574,10 @@ CONSENSUS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"lazy": lazy_con
 
 
 class AttackEngine:
-    VMAP_MAX_PARAMETERS = 1_000_000  # above this the victim is compute-bound and vmap stops paying off
+    VMAP_MAX_PARAMETERS = 1_000_000  # above this the victim is compute-bound and batching stops paying off
+    # Without BatchNorm, stacked beats vmap up to about this many candidates (LeNet(Zhu), one thread: 14 vs 18 ms
+    # per iteration at 8, 33 vs 38 at 32, tie at 64, 95 vs 82 at 100); many small groups make grouped convolutions lose.
+    STACKED_MAX_CANDIDATES = 48
 
     def __init__(self, spec: EngineSpec, device: torch.device | str = "cpu", seed: int = 0):
         self.spec = spec
@@ -609,13 +612,14 @@ class AttackEngine:
     @classmethod
     def auto_batching(cls, sim: VictimSimulator, candidates: int) -> str:
         """Fastest path measured on CPU (benchmarks/README.md): one candidate or a large, compute-bound victim runs
-        plain autograd; small victims without BatchNorm run vmap; small victims with BatchNorm run stacked
-        (vmap over BatchNorm was slower than the loop; stacked was 1.4-2.8x faster than the loop on ConvNet-8/16)."""
+        plain autograd; small stackable victims run stacked (1.4-2.8x faster than the loop on ConvNet-8/16, 1.3-1.5x
+        faster than vmap on LeNet(Zhu) at 8 restarts), except BatchNorm-free ones with very many candidates, where
+        vmap wins; other small victims run vmap without BatchNorm (vmap over BatchNorm was slower than the loop)."""
         if candidates == 1 or sim.num_parameters > cls.VMAP_MAX_PARAMETERS:
             return "loop"
-        if sim.bn_layers:
-            return "stacked" if sim.stackable else "loop"
-        return "vmap"
+        if sim.stackable and (sim.bn_layers or candidates <= cls.STACKED_MAX_CANDIDATES):
+            return "stacked"
+        return "loop" if sim.bn_layers else "vmap"
 
     def _executors(self, problem: InversionProblem, candidates: int) -> tuple[Callable, Callable]:
         """(step, score) over stacked candidates: step(vars, labels, targets, aux, anchors) returns

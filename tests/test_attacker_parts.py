@@ -120,7 +120,10 @@ def test_batching_paths_give_the_same_losses_and_gradients(model_name, cfg, spac
         for key in loop_grads:
             scale = loop_grads[key].abs().max()
             assert (grads[key] - loop_grads[key]).abs().max() <= 1e-9 * scale, (batching, key)
-    assert AttackEngine.auto_batching(sim, P * R) == ("vmap" if model_name == "lenet_zhu" else "stacked")
+    assert AttackEngine.auto_batching(sim, 1) == "loop"
+    assert AttackEngine.auto_batching(sim, P * R) == "stacked"
+    many = AttackEngine.STACKED_MAX_CANDIDATES + 1  # grouped convolutions lose to vmap without BatchNorm
+    assert AttackEngine.auto_batching(sim, many) == ("vmap" if model_name == "lenet_zhu" else "stacked")
 
 
 def test_update_captures_the_first_steps_bn_statistics_and_classifier_input(float64):
