@@ -31,7 +31,8 @@ from torch.func import functional_call, grad_and_value, replace_all_batch_norm_m
 from fedsim.registry import lookup, register
 from fedsim.training import set_bn_mode
 
-from .stacked import per_candidate, stack_model, stackable, to_stacked_layout
+from .stacked import (StackedBatchNorm, batch_statistics, per_candidate, stack_model, stackable,
+                      to_stacked_layout)
 
 Tensors = dict[str, torch.Tensor]
 
@@ -143,26 +144,24 @@ class VictimSimulator:
         return per.sum()  # candidates are independent: the gradient of the sum is each one's own gradient
 
     def _capture(self, network: nn.Module, captured: dict, what: tuple[str, ...], count: int = 0) -> list:
-        """Forward pre-hooks on ``network`` that store BatchNorm input statistics (``"bn"``: list of (mean, var) per
+        """Hooks on ``network`` that store BatchNorm input statistics (``"bn"``: list of (mean, var) per
         layer, each [channels], or [count, channels] for the stacked network of ``count`` candidates) and the
         classifier input (``"features"``) into ``captured``. The caller removes the returned handles."""
         handles = []
         if "bn" in what:
             captured["bn"] = []
 
-            def bn_hook(_module, inputs):
-                # Statistics per (stacked) channel over batch and space; on the stacked layout those are per
-                # candidate and channel. The variance is taken around the detached mean, E[(h - s)^2] - (mean - s)^2
-                # with s = mean: var_mean's value and gradient at half its cost with backward (17 vs 35 ms/layer).
-                h = inputs[0]
-                dims = [d for d in range(h.dim()) if d != 1]
-                mean = h.mean(dims)
-                shift = mean.detach()
-                centred = h - shift.view(-1, *[1] * (h.dim() - 2))
-                var = (centred * centred).mean(dims) - (mean - shift) ** 2
-                captured["bn"].append((mean.view(count, -1), var.view(count, -1)) if count else (mean, var))
+            def bn_hook(_module, inputs):  # per (stacked) channel over batch and space
+                mean, var = batch_statistics(inputs[0])[:2]
+                shape = (count, -1) if count else (-1,)
+                captured["bn"].append((mean.view(shape), var.view(shape)))
 
-            handles += [network.get_submodule(n).register_forward_pre_hook(bn_hook) for n in self.bn_layers]
+            for name in self.bn_layers:
+                layer = network.get_submodule(name)
+                if isinstance(layer, StackedBatchNorm):  # computes the statistics anyway: shares them
+                    handles.append(layer.record_batch_statistics(captured["bn"], count))
+                else:
+                    handles.append(layer.register_forward_pre_hook(bn_hook))
         if "features" in what and self.feature_layer is not None:
             def feature_hook(_module, inputs):
                 captured["features"] = per_candidate(inputs[0], count) if count else inputs[0]
@@ -376,7 +375,6 @@ class BatchedLBFGS:
         self.h_diag = torch.ones(self.C, device=first.device)
         self.n_iter = 0
         self.evaluations = 0
-        self.done = torch.zeros(self.C, dtype=torch.bool, device=first.device)
 
     def _flat(self, tensors: Tensors) -> torch.Tensor:
         return torch.cat([tensors[k].reshape(self.C, -1) for k in self.keys], dim=1)
@@ -402,12 +400,14 @@ class BatchedLBFGS:
         return r
 
     def step(self, closure):
+        """One torch.optim.LBFGS step per candidate. A stopping test ends the *step* for that candidate (it stops
+        moving and leaves its state as torch would), not the optimisation: every step starts it afresh."""
         total, matching, grads = closure()
         self.evaluations += 1
         g = self._flat(grads)
-        self.done |= g.abs().amax(1) <= self.tol_grad
+        active = g.abs().amax(1) > self.tol_grad  # torch returns at once from an optimal point
         for inner in range(self.spec.max_iter):
-            if bool(self.done.all()):
+            if not bool(active.any()):
                 break
             self.n_iter += 1
             if self.n_iter == 1:
@@ -415,7 +415,7 @@ class BatchedLBFGS:
             else:
                 y, s = g - self.prev_grad, self.dir * self.t[:, None]
                 ys = (y * s).sum(1)
-                accept = ys > 1e-10
+                accept = active & (ys > 1e-10)
                 if bool(accept.any()):
                     # Memory is shared in length; rejected pairs enter with rho 0 so they change nothing.
                     if len(self.s) == self.spec.history_size:
@@ -425,25 +425,26 @@ class BatchedLBFGS:
                     self.rho.append(torch.where(accept, 1.0 / ys.clamp_min(1e-10), 0.0))
                     self.h_diag = torch.where(accept, ys / (y * y).sum(1).clamp_min(1e-20), self.h_diag)
                 d = self._direction(g)
-            self.prev_grad, prev_total = g.clone(), total
-            lr = self.spec.lr
-            t = torch.full((self.C,), lr, device=g.device)
+            t = torch.full((self.C,), self.spec.lr, device=g.device)
             if self.n_iter == 1:
-                t = torch.clamp(1.0 / g.abs().sum(1), max=1.0) * lr
-            gtd = (g * d).sum(1)
-            self.done |= gtd > -self.tol_change
-            t = torch.where(self.done, 0.0, t)
-            self.dir, self.t = d, t
-            self._add(d * t[:, None])
+                t = torch.clamp(1.0 / g.abs().sum(1), max=1.0) * self.spec.lr
+            # Candidates stopped earlier in this step keep the state of their last move (torch's state["d"], ...),
+            # so the next step's memory pair is that move.
+            keep = active[:, None]
+            self.prev_grad = g.clone() if self.prev_grad is None else torch.where(keep, g, self.prev_grad)
+            self.dir = d if self.dir is None else torch.where(keep, d, self.dir)
+            self.t = t if self.t is None else torch.where(active, t, self.t)
+            prev_total = total.reshape(-1)
+            active = active & ((g * d).sum(1) <= -self.tol_change)  # torch breaks before moving
+            move = d * torch.where(active, t, 0.0)[:, None]
+            self._add(move)
             if inner == self.spec.max_iter - 1:
                 break
             total, matching, grads = closure()
             self.evaluations += 1
             g = self._flat(grads)
-            moved = (d * t[:, None]).abs().amax(1)
-            total_flat = total.reshape(-1)
-            self.done |= (g.abs().amax(1) <= self.tol_grad) | (moved <= self.tol_change)
-            self.done |= (total_flat - prev_total.reshape(-1)).abs() < self.tol_change
+            stop = (g.abs().amax(1) <= self.tol_grad) | (move.abs().amax(1) <= self.tol_change)
+            active = active & ~stop & ((total.reshape(-1) - prev_total).abs() >= self.tol_change)
         return matching
 
 

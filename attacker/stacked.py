@@ -42,6 +42,14 @@ class StackedConv2d(nn.Module):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups * c)
 
 
+class SinkHandle:
+    def __init__(self, module: "StackedBatchNorm"):
+        self.module = module
+
+    def remove(self) -> None:
+        self.module.sink = None
+
+
 class StackedBatchNorm(nn.Module):
     """BatchNorm as the client's step uses it: each candidate's batch statistics (train mode), or the fixed running
     statistics, repeated for every candidate (eval mode)."""
@@ -53,15 +61,57 @@ class StackedBatchNorm(nn.Module):
         self.bias = bn.bias
         self.use_batch_stats = bn.training or bn.running_mean is None
         self.running = None if self.use_batch_stats else (bn.running_mean.detach(), bn.running_var.detach())
+        self.sink: list | None = None  # set by record_batch_statistics
+        self.candidates = 0
+
+    def record_batch_statistics(self, sink: list, candidates: int) -> "SinkHandle":
+        """Append (mean, biased variance) of this layer's input, each [candidates, channels], to ``sink`` on every
+        forward until the returned handle is removed (a forward hook that does not compute the statistics twice)."""
+        self.sink, self.candidates = sink, candidates
+        return SinkHandle(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = None if self.weight is None else self.weight.reshape(-1)
         bias = None if self.bias is None else self.bias.reshape(-1)
+        statistics = batch_statistics(x) if self.use_batch_stats or self.sink is not None else None
+        if self.sink is not None:  # the BN regulariser's input statistics, shared with the normalisation
+            self.sink.append((statistics[0].view(self.candidates, -1), statistics[1].view(self.candidates, -1)))
         if self.use_batch_stats:
-            return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+            return batch_norm_on_batch_statistics(x, weight, bias, self.eps, statistics)
         repeats = x.shape[1] // self.running[0].numel()
         mean, var = (s.repeat(repeats) for s in self.running)
         return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
+
+
+def batch_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel (dim 1) batch mean and biased variance over all other dims, shaped to broadcast against ``x``.
+
+    The variance is taken around the detached mean, E[(x - s)^2] - (mean - s)^2 with s = mean: var_mean's value and
+    gradient at half its cost with backward. Also returns ``x - s`` and ``mean - s`` (zero in value, carrying the
+    mean's gradient), which normalisation reuses."""
+    dims = [d for d in range(x.dim()) if d != 1]
+    mean = x.mean(dims, keepdim=True)
+    shift = mean.detach()
+    centred = x - shift
+    offset = mean - shift
+    var = (centred * centred).mean(dims, keepdim=True) - offset * offset
+    return mean, var, centred, offset
+
+
+def batch_norm_on_batch_statistics(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                                   eps: float, statistics: tuple | None = None) -> torch.Tensor:
+    """``F.batch_norm`` in train mode (biased batch variance) written as elementwise ops around the detached batch
+    mean: the same values and derivatives, but the double backward the attack runs through it is cheaper than
+    ``F.batch_norm``'s composite one (a whole ConvNet-16 step, 8 candidates: 267-290 vs 340-384 ms)."""
+    _, var, centred, offset = statistics if statistics is not None else batch_statistics(x)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.reshape(shape)
+    shift = -offset * scale
+    if bias is not None:
+        shift = shift + bias.reshape(shape)
+    return torch.addcmul(shift, centred, scale)
 
 
 class StackedLinear(nn.Module):

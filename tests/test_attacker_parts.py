@@ -81,7 +81,7 @@ def test_vmap_and_loop_paths_give_the_gradients_of_hand_written_autograd():
     ("resnet18", TrainConfig(lr=0.1, batch_size=2, num_samples=2), "pixels", (("features", 0.1), ("bn", 0.1))),
     # BatchNorm with the public model's fixed running statistics (Geiping's reference clients), two steps
     ("convnet", TrainConfig(mode="fedavg", lr=0.1, epochs=1, batch_size=2, num_samples=4, bn_mode="eval"), "pixels",
-     (("tv", 1e-2),)),
+     (("tv", 1e-2), ("bn", 0.1))),
     # LeNet with DLG's soft labels searched jointly
     ("lenet_zhu", TrainConfig(lr=1.0), "pixels_and_labels", (("tv", 1e-2),)),
 ])
