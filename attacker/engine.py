@@ -514,7 +514,7 @@ class EngineSpec:
     # computation (pays off for small, overhead-bound victims), "loop" runs plain autograd one after another (faster
     # for one candidate and for large victims, see benchmarks/README.md), "auto" picks by candidate count and victim.
     batching: str = "auto"
-    compile: bool = False  # torch.compile the batched step (~1 min to compile, then ~2.5x faster on LeNet)
+    compile: bool = False  # torch.compile the vmap step (~1 min to compile, then ~2.5x faster on LeNet)
 
     def __post_init__(self):
         lookup(OBJECTIVES, self.objective, "objective")
@@ -526,6 +526,9 @@ class EngineSpec:
             raise ValueError(f"unknown batching {self.batching!r}; use one of {', '.join(BATCHING)}")
         if self.group is not None and self.group.mode not in CONSENSUS:
             raise ValueError(f"unknown group mode {self.group.mode!r}; choose one of {sorted(CONSENSUS)}")
+        if self.compile and self.batching not in ("auto", "vmap"):
+            raise ValueError(f"compile = true runs the vmap step; batching {self.batching!r} cannot be compiled (use "
+                             "auto or vmap)")
 
 
 @dataclass
@@ -627,7 +630,9 @@ class AttackEngine:
         (totals [P, R], matching [P, R], grads); score returns matching."""
         batching = self.spec.batching
         if batching == "auto":
-            batching = self.auto_batching(problem.simulator, candidates)
+            # torch.compile is wired to the vmap step (torch.func composes with it; the stacked step's nested
+            # autograd.grad does not compile into one graph), so compile = true runs vmap.
+            batching = "vmap" if self.spec.compile else self.auto_batching(problem.simulator, candidates)
         if batching == "stacked":
             if not problem.simulator.stackable:
                 raise ValueError("batching 'stacked' needs a victim built from Conv2d, BatchNorm, Linear and "

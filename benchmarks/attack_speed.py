@@ -7,7 +7,9 @@ of CIFAR-10 test images 0..B-1 (random images if FEDSIM_DATA_DIR is unset) for t
 L-BFGS iteration is one step of up to 20 gradient evaluations in both). breaching runs in its own venv
 (``--breaching-python``; ``python -m venv V && V/bin/pip install torch==2.14.1 torchvision==0.29.1
 breaching==0.1.2``). Prints a markdown table: ms per iteration (all restarts), image-iterations per second
-(batch x restarts / time per iteration), speed-up, and PSNR of each tool's chosen reconstruction.
+(batch x restarts / time per iteration), speed-up, PSNR of each tool's chosen reconstruction, and gradient
+evaluations (fedsim: of all candidates at once; breaching: per restart, counted as victim forward passes). L-BFGS
+ends a step early for a restart whose stopping test fires, so under DLG the two counts can differ.
 
     python benchmarks/attack_speed.py --breaching-python /path/to/venv/bin/python [--attacks ig,dlg,gradinversion]
 """
@@ -77,7 +79,7 @@ def run_fedsim(spec: dict, model, update, labels, mean, std, restarts: int, iter
     engine_spec = replace(attack.engine_spec(), update_scale=1.0)
     AttackEngine(replace(engine_spec, iterations=2), seed=0).run(problem)  # warm-up
     result = AttackEngine(engine_spec, seed=0).run(problem)
-    return 1000 * result.seconds / iterations, result.images[0]
+    return 1000 * result.seconds / iterations, result.images[0], result.evaluations
 
 
 def run_breaching(python: str, config: str, model, gradient, labels, mean, std, model_name, width, restarts,
@@ -92,7 +94,8 @@ def run_breaching(python: str, config: str, model, gradient, labels, mean, std, 
                                "--tv", str(tv), "--out", str(out)], capture_output=True, text=True, timeout=7200)
         if done.returncode != 0:
             raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "breaching failed")
-        return json.loads(done.stdout.strip().splitlines()[-1])["ms_per_iteration"], torch.load(out)
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        return report["ms_per_iteration"], torch.load(out), report["evaluations_per_restart"]
 
 
 def main() -> None:
@@ -101,6 +104,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--restarts", default="1,8")
     parser.add_argument("--iterations", type=int, default=0, help="override every setup's iteration count")
+    parser.add_argument("--models", default="", help="only these victims, e.g. lenet_zhu (default: every setup's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="fedsim attacks with compile=true (torch.compile of "
                         "the batched step; compile time is paid in the warm-up and not counted)")
@@ -109,22 +113,24 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     print("| attack | model | batch | restarts | iterations | fedsim ms/it | breaching ms/it | fedsim img-it/s "
-          "| breaching img-it/s | speed-up | fedsim PSNR | breaching PSNR |")
-    print("|" + "---|" * 12)
+          "| breaching img-it/s | speed-up | fedsim PSNR | breaching PSNR | evaluations fedsim / breaching |")
+    print("|" + "---|" * 13)
     for attack_name in args.attacks.split(","):
         spec, config, models = SETUPS[attack_name]
         spec = {**spec, "compile": args.compile}
         for model_name, width, iters in models:
+            if args.models and model_name not in args.models.split(","):
+                continue
             iters = args.iterations or iters
             for batch in [int(b) for b in args.batches.split(",")]:
                 model, update, gradient, labels, truth, mean, std = make_case(model_name, batch, width)
                 for restarts in [int(r) for r in args.restarts.split(",")]:
-                    ours, images = run_fedsim(spec, model, update, labels, mean, std, restarts, iters)
+                    ours, images, our_evals = run_fedsim(spec, model, update, labels, mean, std, restarts, iters)
                     our_psnr = float(score(images, truth, labels.numpy(), labels.numpy()).psnr.mean())
-                    theirs, their_psnr = float("nan"), float("nan")
+                    theirs, their_psnr, their_evals = float("nan"), float("nan"), float("nan")
                     if args.breaching_python:
                         try:
-                            theirs, their_images = run_breaching(args.breaching_python, config, model, gradient,
+                            theirs, their_images, their_evals = run_breaching(args.breaching_python, config, model, gradient,
                                                                  labels, mean, std, model_name, width, restarts,
                                                                  iters, spec.get("tv", 1e-2))
                             their_psnr = float(score(their_images, truth, labels.numpy(), labels.numpy()).psnr.mean())
@@ -134,7 +140,8 @@ def main() -> None:
                     work = batch * restarts
                     print(f"| {attack_name} | {model_name}-{width} | {batch} | {restarts} | {iters} | {ours:.1f} | "
                           f"{theirs:.1f} | {1000 * work / ours:.0f} | {1000 * work / theirs:.0f} | "
-                          f"{theirs / ours:.2f}x | {our_psnr:.2f} | {their_psnr:.2f} |", flush=True)
+                          f"{theirs / ours:.2f}x | {our_psnr:.2f} | {their_psnr:.2f} | {our_evals} / {their_evals:.0f} |",
+                          flush=True)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,10 @@ case = torch.load(args.case, weights_only=False)
 model = build_model(case["model"], case["num_classes"], width=case["width"])
 model.load_state_dict(case["state"])
 model.eval()
+# Gradient evaluations: breaching runs its victims as deep copies of ``model`` (made from here on), which keep this
+# hook. L-BFGS ends a step early when a stopping test fires, so its count can differ from fedsim's.
+forwards = [0]
+model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
 
 with contextlib.redirect_stdout(io.StringIO()):
     overrides = [f"restarts.num_trials={args.restarts}", f"optim.max_iterations={args.iterations}",
@@ -72,4 +76,5 @@ images = (result["data"].detach() * torch.tensor(case["std"]).view(1, -1, 1, 1)
           + torch.tensor(case["mean"]).view(1, -1, 1, 1)).clamp(0, 1)
 if args.out:
     torch.save(images, args.out)
-print(json.dumps({"seconds": seconds, "ms_per_iteration": 1000 * seconds / args.iterations}))
+print(json.dumps({"seconds": seconds, "ms_per_iteration": 1000 * seconds / args.iterations,
+                  "evaluations_per_restart": forwards[0] / args.restarts}))
