@@ -130,9 +130,9 @@ def main() -> None:
                     theirs, their_psnr, their_evals = float("nan"), float("nan"), float("nan")
                     if args.breaching_python:
                         try:
-                            theirs, their_images, their_evals = run_breaching(args.breaching_python, config, model, gradient,
-                                                                 labels, mean, std, model_name, width, restarts,
-                                                                 iters, spec.get("tv", 1e-2))
+                            theirs, their_images, their_evals = run_breaching(
+                                args.breaching_python, config, model, gradient, labels, mean, std, model_name, width,
+                                restarts, iters, spec.get("tv", 1e-2))
                             their_psnr = float(score(their_images, truth, labels.numpy(), labels.numpy()).psnr.mean())
                         except Exception as err:  # noqa: BLE001 - report and keep benchmarking
                             print(f"breaching failed on {attack_name}/{model_name}/{batch}/{restarts}: {err}",

@@ -157,12 +157,12 @@ def test_stacked_path_refuses_a_victim_it_cannot_stack():
         AttackEngine(EngineSpec(batching="stacked", restarts=2))._executors(problem, 2)
 
 
-
 @pytest.mark.parametrize("batching", ["stacked", "loop"])
 def test_compile_is_refused_off_the_vmap_step(batching):
     with pytest.raises(ValueError, match=f"batching '{batching}' cannot be compiled"):
         EngineSpec(batching=batching, compile=True)
     assert EngineSpec(batching="auto", compile=True).compile  # auto then runs vmap
+
 
 def test_objectives_on_known_pairs():
     a = {"w": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.0])}
