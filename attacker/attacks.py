@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from fedsim.data import denormalize
 from fedsim.models import build_model
@@ -21,7 +21,8 @@ from fedsim.registry import build_from_spec
 from fedsim.training import TrainConfig, step_schedule
 
 from .analytic import first_layer_is_linear, linear_layers, recover_layer_input
-from .engine import AttackEngine, EngineSpec, GroupSpec, InversionProblem, OptimizerSpec, VictimSimulator
+from .engine import (AttackEngine, EngineSpec, GroupSpec, InversionProblem, OptimizerSpec, VictimSimulator,
+                     check_compile)
 from .labels import model_probe, recover_labels
 from .records import ObservedUpdate, Reconstruction, ThreatModel
 
@@ -95,6 +96,13 @@ class OptimizationAttack(Attack):
     trace_every: int = Field(default=100, ge=0)
     batching: Literal["auto", "stacked", "vmap", "loop"] = "auto"
     compile: bool = False
+
+    @field_validator("compile")
+    @classmethod
+    def _compile_needs_vmap(cls, compile: bool, info: ValidationInfo) -> bool:
+        # Checked when the config loads, so a federation does not run its rounds before the attack refuses.
+        check_compile(info.data.get("batching", "auto"), compile)
+        return compile
 
     def engine_spec(self) -> EngineSpec:
         raise NotImplementedError

@@ -494,6 +494,14 @@ class GroupSpec:
 BATCHING = ("auto", "stacked", "vmap", "loop")
 
 
+def check_compile(batching: str, compile: bool) -> None:
+    """torch.compile is wired to the vmap step only (the stacked step's nested autograd.grad does not compile into one
+    graph), so compile = true needs batching auto or vmap."""
+    if compile and batching not in ("auto", "vmap"):
+        raise ValueError(f"compile = true runs the vmap step; batching {batching!r} cannot be compiled (use auto or "
+                         "vmap)")
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     objective: str = "cosine"
@@ -526,9 +534,7 @@ class EngineSpec:
             raise ValueError(f"unknown batching {self.batching!r}; use one of {', '.join(BATCHING)}")
         if self.group is not None and self.group.mode not in CONSENSUS:
             raise ValueError(f"unknown group mode {self.group.mode!r}; choose one of {sorted(CONSENSUS)}")
-        if self.compile and self.batching not in ("auto", "vmap"):
-            raise ValueError(f"compile = true runs the vmap step; batching {self.batching!r} cannot be compiled (use "
-                             "auto or vmap)")
+        check_compile(self.batching, self.compile)
 
 
 @dataclass

@@ -162,6 +162,12 @@ def test_compile_is_refused_off_the_vmap_step(batching):
     with pytest.raises(ValueError, match=f"batching '{batching}' cannot be compiled"):
         EngineSpec(batching=batching, compile=True)
     assert EngineSpec(batching="auto", compile=True).compile  # auto then runs vmap
+    # The attack config refuses it at load time, naming the key.
+    from pydantic import ValidationError
+    from attacker.attacks import InvertingGradients
+    with pytest.raises(ValidationError, match="compile"):
+        InvertingGradients(batching=batching, compile=True)
+    assert InvertingGradients(batching="vmap", compile=True).engine_spec().compile
 
 
 def test_objectives_on_known_pairs():
