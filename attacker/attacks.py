@@ -1,7 +1,8 @@
-"""Attacks, registered by name. An attack is a pydantic model of its parameters that composes engine parts.
+"""The attacker plugin's attacks, registered by name (entry-point group ``fedsim.attacks``). An attack is a pydantic
+model of its parameters (the platform's :class:`fedsim.contract.Attack`) that composes engine parts.
 
-Every attack takes only :class:`~attacker.records.ObservedUpdate` records and a
-:class:`~attacker.records.ThreatModel`; it never sees sample ids or ground truth.
+Every attack takes only :class:`~fedsim.contract.ObservedUpdate` records and a
+:class:`~fedsim.contract.ThreatModel`; it never sees sample ids or ground truth.
 """
 
 from __future__ import annotations
@@ -14,19 +15,18 @@ import numpy as np
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
+from fedsim.contract import Attack, ObservedUpdate, Reconstruction, ThreatModel, build_attack
 from fedsim.data import denormalize
 from fedsim.models import build_model
-from fedsim.params import Registered
-from fedsim.registry import build_from_spec
 from fedsim.training import TrainConfig, step_schedule
 
 from .analytic import first_layer_is_linear, linear_layers, recover_layer_input
-from .engine import (AttackEngine, EngineSpec, GroupSpec, InversionProblem, OptimizerSpec, VictimSimulator,
+from .engine import (SEARCH_SPACES, AttackEngine, EngineSpec, GroupSpec, InversionProblem, OptimizerSpec, VictimSimulator,
                      check_compile)
 from .labels import model_probe, recover_labels
-from .records import ObservedUpdate, Reconstruction, ThreatModel
 
-ATTACKS: dict[str, type["Attack"]] = {}
+__all__ = ["Attack", "build_attack", "OptimizationAttack", "InvertingGradients", "DeepLeakage", "GradInversion",
+           "AnalyticRecovery"]
 
 
 def attacker_train_config(observed: ObservedUpdate, threat: ThreatModel) -> TrainConfig:
@@ -74,15 +74,12 @@ def label_candidates(observed: ObservedUpdate, threat: ThreatModel) -> dict[str,
     return out
 
 
-class Attack(Registered):
-    registry: ClassVar[dict[str, type]] = ATTACKS
-
-    def reconstruct_many(self, observed: list[ObservedUpdate], threat: ThreatModel, *, device: str = "cpu",
-                         seed: int = 0) -> list[Reconstruction]:
-        raise NotImplementedError
-
-    def reconstruct(self, observed: ObservedUpdate, threat: ThreatModel, **kwargs) -> Reconstruction:
-        return self.reconstruct_many([observed], threat, **kwargs)[0]
+def with_label_candidates(observed: list[ObservedUpdate], threat: ThreatModel,
+                          recs: list[Reconstruction]) -> list[Reconstruction]:
+    """Attach every label method's answer to each reconstruction (the evaluator scores each of them)."""
+    for obs, rec in zip(observed, recs):
+        rec.extra.setdefault("label_candidates", label_candidates(obs, threat))
+    return recs
 
 
 class OptimizationAttack(Attack):
@@ -120,7 +117,7 @@ class OptimizationAttack(Attack):
                 part = members[start:start + chunk]
                 for i, rec in zip(part, self._run([observed[i] for i in part], threat, cfg, device, seed + start)):
                     results[i] = rec
-        return results  # type: ignore[return-value]
+        return with_label_candidates(observed, threat, results)  # type: ignore[arg-type]
 
     def side_information(self, observed: list[ObservedUpdate], simulator: VictimSimulator,
                          threat: ThreatModel) -> dict[str, torch.Tensor]:
@@ -148,7 +145,7 @@ class OptimizationAttack(Attack):
         result = AttackEngine(engine_spec, device=device, seed=seed).run(problem)
         setup = time.perf_counter() - t0 - result.seconds
         share = (result.seconds + setup) / len(observed)
-        joint = engine_spec.search_space != "pixels"
+        joint = SEARCH_SPACES[engine_spec.search_space].searches_labels
         return [
             Reconstruction(attack=self.name, images=result.images[i].numpy(), labels=result.labels[i].numpy(),
                            label_method="joint" if joint else label_sets[i][1], loss=float(result.losses[i]),
@@ -293,9 +290,4 @@ class AnalyticRecovery(Attack):
             images = image.expand(obs.num_examples, -1, -1, -1).numpy().copy()
             out.append(Reconstruction(self.name, images, labels, method, loss=0.0, seconds=time.perf_counter() - t0,
                                       iterations=0, restarts=1))
-        return out
-
-
-def build_attack(spec: dict) -> Attack:
-    """Construct an attack from ``{"name": ..., **params}``; raises ValueError naming the bad key."""
-    return build_from_spec(ATTACKS, spec, "attack")
+        return with_label_candidates(observed, threat, out)

@@ -99,17 +99,10 @@ class VictimSimulator:
         """``update`` plus what the regularisers read from the first step's forward (``capture``: ``"bn"``, the
         BatchNorm input statistics; ``"features"``, the classifier input), taken from that same forward pass
         instead of an extra one."""
-        start = self.params if functional else self.leaf_params
-        params, captured = start, {}
-        for step, positions in enumerate(self.schedule):
-            handles = self._capture(self.model, captured, capture) if step == 0 else []
-            try:
-                grads = self._grads(params, x[positions], y[positions], functional)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            params = {k: params[k] - self.lr * grads[k] for k in params}
-        return {k: params[k] - start[k] for k in params}, captured
+        return self._replay(self.params if functional else self.leaf_params,
+                            lambda positions: (x[positions], y[positions]),
+                            lambda params, xb, yb: self._grads(params, xb, yb, functional),
+                            lambda captured: self._capture(self.model, captured, capture))
 
     def stacked_update(self, x: torch.Tensor, y: torch.Tensor, capture: tuple[str, ...] = ()) -> tuple[Tensors, dict]:
         """Updates of C candidates at once (``x`` [C, B, ...], ``y`` [C, B] or soft [C, B, K]), each [C, *shape],
@@ -119,17 +112,28 @@ class VictimSimulator:
         if self._stacked is None:
             self._stacked = stack_model(self.model)
         count = x.shape[0]
-        start = {k: v.expand(count, *v.shape) for k, v in self.leaf_params.items()}
+
+        def grads(params, xb, yb):
+            values = torch.autograd.grad(self._stacked_loss(params, xb, yb), list(params.values()), create_graph=True)
+            return dict(zip(params, values))
+
+        return self._replay({k: v.expand(count, *v.shape) for k, v in self.leaf_params.items()},
+                            lambda positions: (x[:, positions], y[:, positions]), grads,
+                            lambda captured: self._capture(self._stacked, captured, capture, count))
+
+    def _replay(self, start: Tensors, batch: Callable, grads_of: Callable, hooks: Callable) -> tuple[Tensors, dict]:
+        """The client's local SGD steps from ``start`` (the one replay every batching path uses): ``batch(positions)``
+        gives a step's inputs and labels, ``grads_of(params, x, y)`` their gradients, ``hooks(captured)`` installs the
+        first step's capture (removed after it). Returns the update (new minus start) and what was captured."""
         params, captured = start, {}
         for step, positions in enumerate(self.schedule):
-            handles = self._capture(self._stacked, captured, capture, count) if step == 0 else []
+            handles = hooks(captured) if step == 0 else []
             try:
-                loss = self._stacked_loss(params, x[:, positions], y[:, positions])
+                grads = grads_of(params, *batch(positions))
             finally:
                 for handle in handles:
                     handle.remove()
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-            params = {k: params[k] - self.lr * g for k, g in zip(params, grads)}
+            params = {k: params[k] - self.lr * grads[k] for k in params}
         return {k: params[k] - start[k] for k in params}, captured
 
     def _stacked_loss(self, params: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -284,14 +288,54 @@ def feature_matching(x: torch.Tensor, ctx: CandidateContext) -> torch.Tensor:
 # Search spaces
 
 
-@dataclass
 class SearchSpace:
-    """How candidate variables map to model inputs and labels, how they start and how they are projected."""
+    """What an attack searches. A space owns its variables (each ``[P, R, ...]``: problems x restarts), their
+    initialisation, how one candidate's variables decode into model inputs (normalised images) and labels, and
+    their projection after every step. The engine's loop and scoring know nothing else about them.
 
-    name: str
-    init: Callable[["InversionProblem", int, int, str, torch.Generator], Tensors]  # -> each [P, R, ...]
-    decode: Callable[[Tensors, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # one candidate -> (x, y)
-    labels_out: Callable[[Tensors, torch.Tensor], torch.Tensor]  # stacked variables, given labels -> [P, R, B]
+    Subclasses implement :meth:`init` and :meth:`decode`; :meth:`decode_many` (flat candidates ``[N, ...]``, used by
+    the stacked path and for read-out) defaults to ``vmap(decode)``; :meth:`project_` to nothing."""
+
+    searches_labels = False  # labels come out of the search (DLG's joint labels), not from the threat model
+
+    def __init__(self, problem: "InversionProblem") -> None:
+        self.problem = problem
+        self.mean = torch.tensor(problem.mean).view(-1, 1, 1)
+        self.std = torch.tensor(problem.std).view(-1, 1, 1)
+
+    def to(self, device: torch.device) -> "SearchSpace":
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
+    def init(self, P: int, R: int, generator: torch.Generator) -> Tensors:
+        raise NotImplementedError
+
+    def decode(self, variables: Tensors, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One candidate -> (model input [B, C, H, W], labels [B] or soft [B, K])."""
+        raise NotImplementedError
+
+    def decode_many(self, variables: Tensors, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat candidates ``[N, ...]`` and labels ``[N, B]`` -> (inputs [N, B, C, H, W], labels)."""
+        return vmap(self.decode)(variables, labels)
+
+    def project_(self, variables: Tensors) -> None:
+        """Projection after each step, in place (none by default)."""
+
+    def labels_out(self, variables: Tensors, labels: torch.Tensor) -> torch.Tensor:
+        """Stacked variables and the given labels [P, B] -> the labels each candidate stands for [P, R, B]."""
+        R = next(iter(variables.values())).shape[1]
+        return labels[:, None].expand(-1, R, -1)
+
+    def inputs(self, variables: Tensors, labels: torch.Tensor) -> torch.Tensor:
+        """Every candidate's model input [P, R, B, C, H, W] (for group consensus and read-out)."""
+        P, R = next(iter(variables.values())).shape[:2]
+        flat = {k: v.reshape(P * R, *v.shape[2:]) for k, v in variables.items()}
+        x, _ = self.decode_many(flat, labels[:, None].expand(P, R, *labels.shape[1:]).reshape(P * R, *labels.shape[1:]))
+        return x.reshape(P, R, *x.shape[1:])
+
+    def unit_images(self, variables: Tensors, labels: torch.Tensor) -> torch.Tensor:
+        """Every candidate's images in [0, 1], [P, R, B, C, H, W]."""
+        return (self.inputs(variables, labels) * self.std + self.mean).clamp(0, 1)
 
 
 def _init_images(problem: "InversionProblem", P: int, R: int, init: str, generator: torch.Generator) -> torch.Tensor:
@@ -305,20 +349,50 @@ def _init_images(problem: "InversionProblem", P: int, R: int, init: str, generat
     raise ValueError(f"unknown init {init!r}; use randn, rand or zeros")
 
 
-SEARCH_SPACES: dict[str, SearchSpace] = {}
-SEARCH_SPACES["pixels"] = SearchSpace(
-    "pixels",
-    init=lambda pr, P, R, init, g: {"x": _init_images(pr, P, R, init, g)},
-    decode=lambda v, y: (v["x"], y),
-    labels_out=lambda v, y: y[:, None].expand(-1, v["x"].shape[1], -1),
-)
-SEARCH_SPACES["pixels_and_labels"] = SearchSpace(
-    "pixels_and_labels",  # DLG: soft labels optimised jointly (as logits), read out by argmax
-    init=lambda pr, P, R, init, g: {"x": _init_images(pr, P, R, init, g),
-                                    "label_logits": torch.randn(P, R, pr.batch_size, pr.num_classes, generator=g)},
-    decode=lambda v, y: (v["x"], v["label_logits"].softmax(-1)),
-    labels_out=lambda v, y: v["label_logits"].argmax(-1),
-)
+class PixelSpace(SearchSpace):
+    """Pixels of the (normalised) model input, optionally boxed to the valid range [0, 1] after every step."""
+
+    def __init__(self, problem: "InversionProblem", init: str = "randn", boxed: bool = True) -> None:
+        super().__init__(problem)
+        self.init_mode, self.boxed = init, boxed
+
+    def init(self, P, R, generator):
+        return {"x": _init_images(self.problem, P, R, self.init_mode, generator)}
+
+    def decode(self, variables, labels):
+        return variables["x"], labels
+
+    def decode_many(self, variables, labels):
+        return variables["x"], labels
+
+    def project_(self, variables):
+        if self.boxed:
+            low, high = (0 - self.mean) / self.std, (1 - self.mean) / self.std
+            variables["x"].data = torch.maximum(torch.minimum(variables["x"], high), low)
+
+
+class PixelAndLabelSpace(PixelSpace):
+    """DLG: pixels and soft labels optimised jointly (labels as logits, read out by argmax)."""
+
+    searches_labels = True
+
+    def init(self, P, R, generator):
+        pr = self.problem
+        return {"x": _init_images(pr, P, R, self.init_mode, generator),
+                "label_logits": torch.randn(P, R, pr.batch_size, pr.num_classes, generator=generator)}
+
+    def decode(self, variables, labels):
+        return variables["x"], variables["label_logits"].softmax(-1)
+
+    decode_many = decode
+
+    def labels_out(self, variables, labels):
+        return variables["label_logits"].argmax(-1)
+
+
+# Spaces an EngineSpec can name (built from the problem, ``init`` and ``boxed``); spaces that need more (a
+# generator, fixed latents) are built by their attack and passed to AttackEngine.run.
+SEARCH_SPACES: dict[str, type[PixelSpace]] = {"pixels": PixelSpace, "pixels_and_labels": PixelAndLabelSpace}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -549,6 +623,7 @@ class EngineResult:
     evaluations: int  # gradient evaluations per candidate (L-BFGS takes several per iteration)
     all_images: torch.Tensor | None = None  # [P, R, B, C, H, W] in [0, 1]
     update_fit: dict[str, torch.Tensor] = field(default_factory=dict)  # [P] each, see update_fit()
+    variables: Tensors = field(default_factory=dict)  # the final variables of every candidate, [P, R, ...]
 
 
 def update_fit(sim: Tensors, target: Tensors) -> dict[str, float]:
@@ -594,23 +669,32 @@ class AttackEngine:
         self.device = torch.device(device)
         self.seed = seed
 
-    def _per_candidate(self, problem: InversionProblem, functional: bool = True) -> Callable:
+    def _assemble(self, problem: InversionProblem) -> tuple[Callable, tuple[str, ...]]:
+        """The per-candidate loss from a candidate's model input ``x`` and simulated update, the one place it is put
+        together for every batching path: ``matching_weight * objective(update / scale, target) + sum_i w_i
+        reg_i(x)``. Returns it with what the simulated update must capture for the regularisers."""
         objective = OBJECTIVES[self.spec.objective]
-        space = SEARCH_SPACES[self.spec.search_space]
         regs = [(REGULARIZERS[name], weight) for name, weight in self.spec.regularizers if weight]
         sim = problem.simulator
-        capture = self._capture_for(regs)
         scale, matching_weight = self.spec.update_scale, self.spec.matching_weight
 
-        def loss(variables: Tensors, y: torch.Tensor, target: Tensors, aux: Tensors, anchor: torch.Tensor):
-            x, y = space.decode(variables, y)
-            update, captured = sim.update_capturing(x, y, functional, capture)
+        def assemble(x, update: Tensors, captured: dict, target: Tensors, aux: Tensors, anchor: torch.Tensor):
             matching = objective({k: v / scale for k, v in update.items()}, target)
-            total = matching_weight * matching
             ctx = CandidateContext(sim, aux, anchor, captured.get("bn"), captured.get("features"))
+            total = matching_weight * matching
             for reg, weight in regs:
                 total = total + weight * reg(x, ctx)
             return total, matching
+
+        return assemble, self._capture_for(regs)
+
+    def _per_candidate(self, problem: InversionProblem, space: SearchSpace, functional: bool = True) -> Callable:
+        assemble, capture = self._assemble(problem)
+
+        def loss(variables: Tensors, y: torch.Tensor, target: Tensors, aux: Tensors, anchor: torch.Tensor):
+            x, y = space.decode(variables, y)
+            update, captured = problem.simulator.update_capturing(x, y, functional, capture)
+            return assemble(x, update, captured, target, aux, anchor)
 
         return loss
 
@@ -631,9 +715,14 @@ class AttackEngine:
             return "stacked"
         return "loop" if sim.bn_layers else "vmap"
 
-    def _executors(self, problem: InversionProblem, candidates: int) -> tuple[Callable, Callable]:
+    def default_space(self, problem: InversionProblem) -> SearchSpace:
+        return SEARCH_SPACES[self.spec.search_space](problem, init=self.spec.init, boxed=self.spec.boxed)
+
+    def _executors(self, problem: InversionProblem, candidates: int,
+                   space: SearchSpace | None = None) -> tuple[Callable, Callable]:
         """(step, score) over stacked candidates: step(vars, labels, targets, aux, anchors) returns
         (totals [P, R], matching [P, R], grads); score returns matching."""
+        space = (space or self.default_space(problem)).to(self.device)
         batching = self.spec.batching
         if batching == "auto":
             # torch.compile is wired to the vmap step (torch.func composes with it; the stacked step's nested
@@ -643,9 +732,9 @@ class AttackEngine:
             if not problem.simulator.stackable:
                 raise ValueError("batching 'stacked' needs a victim built from Conv2d, BatchNorm, Linear and "
                                  "channel-wise layers; use auto, vmap or loop")
-            return self._stacked_executors(problem)
+            return self._stacked_executors(problem, space)
         if batching == "vmap":
-            per = self._per_candidate(problem, functional=True)
+            per = self._per_candidate(problem, space, functional=True)
             inner = (0, None, None, None, 0)  # over restarts: variables and anchors vary
             outer = (0, 0, 0, 0, 0)  # over problems: everything varies
             batched = vmap(vmap(grad_and_value(per, has_aux=True), in_dims=inner), in_dims=outer)
@@ -663,7 +752,7 @@ class AttackEngine:
 
             return step, score
 
-        per = self._per_candidate(problem, functional=False)
+        per = self._per_candidate(problem, space, functional=False)
 
         def each(variables, labels, targets, aux, anchors, with_grad: bool):
             first = next(iter(variables.values()))
@@ -687,21 +776,11 @@ class AttackEngine:
 
         return (lambda *a: each(*a, with_grad=True), lambda *a: each(*a, with_grad=False)[1])
 
-    def _stacked_executors(self, problem: InversionProblem) -> tuple[Callable, Callable]:
+    def _stacked_executors(self, problem: InversionProblem, space: SearchSpace) -> tuple[Callable, Callable]:
         """All candidates through the stacked network (attacker/stacked.py): one forward and double backward per
-        local step for every candidate; objective and regularisers are vmapped per candidate (cheap, elementwise)."""
-        sim = problem.simulator
-        objective = vmap(OBJECTIVES[self.spec.objective])
-        space = SEARCH_SPACES[self.spec.search_space]
-        regs = [(REGULARIZERS[name], weight) for name, weight in self.spec.regularizers if weight]
-        capture = self._capture_for(regs)
-        scale, matching_weight = self.spec.update_scale, self.spec.matching_weight
-
-        def regularize(x, aux, anchor, captured):
-            ctx = CandidateContext(sim, aux, anchor, captured.get("bn"), captured.get("features"))
-            return sum((weight * reg(x, ctx) for reg, weight in regs), x.new_zeros(()))
-
-        batched_regs = vmap(regularize)
+        local step for every candidate; the per-candidate loss is vmapped over them (cheap, elementwise)."""
+        assemble, capture = self._assemble(problem)
+        batched = vmap(assemble)
 
         def evaluate(variables, labels, targets, aux, anchors, with_grad: bool):
             first = next(iter(variables.values()))
@@ -712,14 +791,11 @@ class AttackEngine:
                 return t[:, None].expand(P, R, *t.shape[1:]).reshape(P * R, *t.shape[1:])
 
             with torch.enable_grad():
-                x, y = space.decode(flat, spread(labels))
-                update, captured = sim.stacked_update(x, y, capture)
-                matching = objective({k: v / scale for k, v in update.items()},
-                                     {k: spread(v) for k, v in targets.items()})
-                total = matching_weight * matching
-                if regs:
-                    total = total + batched_regs(x, {k: spread(v) for k, v in aux.items()},
-                                                 anchors.reshape(P * R, *anchors.shape[2:]), captured)
+                x, y = space.decode_many(flat, spread(labels))
+                update, captured = problem.simulator.stacked_update(x, y, capture)
+                total, matching = batched(x, update, captured, {k: spread(v) for k, v in targets.items()},
+                                          {k: spread(v) for k, v in aux.items()},
+                                          anchors.reshape(P * R, *anchors.shape[2:]))
                 grads = None
                 if with_grad:
                     values = torch.autograd.grad(total.sum(), list(flat.values()))
@@ -728,22 +804,23 @@ class AttackEngine:
 
         return (lambda *a: evaluate(*a, with_grad=True), lambda *a: evaluate(*a, with_grad=False)[1])
 
-    def run(self, problem: InversionProblem) -> EngineResult:
+    def run(self, problem: InversionProblem, space: SearchSpace | None = None,
+            start: Tensors | None = None) -> EngineResult:
+        """Search ``space`` (default: the one ``spec.search_space`` names) for inputs whose simulated update matches
+        ``problem``'s targets. ``start``: initial variables (each [P, R, ...]) instead of the space's init, so a
+        multi-stage attack continues from an earlier run's result."""
         spec, dev = self.spec, self.device
         P, R = problem.num_problems, spec.restarts
-        space = SEARCH_SPACES[spec.search_space]
+        space = (space or self.default_space(problem)).to(dev)
         generator = torch.Generator().manual_seed(self.seed)
-        variables = {k: v.to(dev).requires_grad_(True) for k, v in space.init(problem, P, R, spec.init, generator).items()}
+        initial = start if start is not None else space.init(P, R, generator)
+        variables = {k: v.detach().clone().to(dev).requires_grad_(True) for k, v in initial.items()}
         labels = problem.labels.to(dev)
         targets = {k: v.to(dev) / spec.update_scale for k, v in problem.targets.items()}
         aux = {k: v.to(dev) for k, v in problem.aux.items()} or {"_": torch.zeros(P, device=dev)}
-        anchors = torch.zeros_like(variables["x"])
+        anchors = torch.zeros(P, R, problem.batch_size, *problem.image_shape, device=dev)
 
-        mean = torch.tensor(problem.mean, device=dev).view(-1, 1, 1)
-        std = torch.tensor(problem.std, device=dev).view(-1, 1, 1)
-        low, high = (0 - mean) / std, (1 - mean) / std
-
-        step_fn, score_fn = self._executors(problem, P * R)
+        step_fn, score_fn = self._executors(problem, P * R, space)
         optimizer = OPTIMIZERS[spec.optimizer.name](variables, spec.optimizer, spec.iterations)
 
         def closure():
@@ -751,32 +828,33 @@ class AttackEngine:
             return step_fn(detached, labels, targets, aux, anchors)
 
         trace: list[tuple[int, torch.Tensor]] = []
-        start = time.perf_counter()
+        t0 = time.perf_counter()
         for it in range(spec.iterations):
             if spec.group is not None and it >= spec.group.start and (it - spec.group.start) % spec.group.every == 0:
-                anchors = CONSENSUS[spec.group.mode](variables["x"].detach())
-            matching = optimizer.step(closure)
-            if spec.boxed:
                 with torch.no_grad():
-                    variables["x"].data = torch.maximum(torch.minimum(variables["x"], high), low)
+                    anchors = CONSENSUS[spec.group.mode](space.inputs(variables, labels).detach())
+            matching = optimizer.step(closure)
+            with torch.no_grad():
+                space.project_(variables)
             if spec.trace_every and (it + 1) % spec.trace_every == 0:
                 trace.append((it + 1, matching.detach().clone()))
 
         # Score the final candidates (the loop's losses lag one step behind the last update).
         final = {k: v.detach() for k, v in variables.items()}
         matching = score_fn(final, labels, targets, aux, anchors)
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - t0
         scores = torch.where(torch.isfinite(matching), matching, torch.full_like(matching, math.inf))
         chosen = scores.argmin(dim=1)
         rows = torch.arange(P, device=dev)
-        all_images = (final["x"] * std + mean).clamp(0, 1)
+        with torch.no_grad():
+            all_images = space.unit_images(final, labels)
         out_labels = space.labels_out(final, labels)[rows, chosen]
         trace_rows = [(it, torch.nan_to_num(m, nan=math.inf).min(dim=1).values.cpu().tolist()) for it, m in trace]
         fits: dict[str, list[float]] = {}
         for p in range(P):
             chosen_vars = {k: v[p, chosen[p]] for k, v in final.items()}
-            x, y = space.decode(chosen_vars, labels[p])
             with torch.enable_grad():
+                x, y = space.decode(chosen_vars, labels[p])
                 sim_update = {k: v.detach() / spec.update_scale
                               for k, v in problem.simulator.update(x, y, functional=False).items()}
             for key, value in update_fit(sim_update, {k: v[p] for k, v in targets.items()}).items():
@@ -784,4 +862,5 @@ class AttackEngine:
         return EngineResult(images=all_images[rows, chosen].cpu(), labels=out_labels.cpu(),
                             losses=scores[rows, chosen].cpu(), chosen_restart=chosen.cpu(), trace=trace_rows,
                             seconds=seconds, iterations=spec.iterations, evaluations=optimizer.evaluations,
-                            all_images=all_images.cpu(), update_fit={k: torch.tensor(v) for k, v in fits.items()})
+                            all_images=all_images.cpu(), update_fit={k: torch.tensor(v) for k, v in fits.items()},
+                            variables=final)

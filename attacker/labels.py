@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from fedsim.contract import LABEL_METHODS
 from fedsim.registry import lookup, register
 
 
@@ -28,7 +29,7 @@ class LabelEvidence:
 
 
 LabelMethod = Callable[[LabelEvidence], torch.Tensor]
-LABEL_METHODS: dict[str, LabelMethod] = {}
+# The platform's registry (fedsim.contract.LABEL_METHODS): this module fills it when the entry point loads it.
 
 
 def register_label_method(name: str) -> Callable[[LabelMethod], LabelMethod]:

@@ -30,9 +30,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from attacker.attacks import build_attack  # noqa: E402
+from fedsim.contract import build_attack  # noqa: E402
 from attacker.engine import AttackEngine, InversionProblem, VictimSimulator  # noqa: E402
-from attacker.metrics import score  # noqa: E402
+from fedsim.metrics import score  # noqa: E402
 from fedsim.data import load_dataset  # noqa: E402
 from fedsim.models import build_model  # noqa: E402
 from fedsim.training import TrainConfig, step_schedule  # noqa: E402

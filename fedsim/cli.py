@@ -139,17 +139,14 @@ def attack(
     """Attack single client updates without a federation (the fast path for research and paper checks)."""
     import torch
 
-    from attacker.attacks import build_attack
-    from attacker.records import ThreatModel
-
-    from .config import ClientConfig, parse_value
+    from .config import ClientConfig, build_threat, parse_value
+    from .contract import LABEL_METHODS, build_attack
     from .data import load_dataset
     from .single import SingleUpdateJob, parse_indices, run_single
 
     try:
         if labels not in ("known", "recovered"):
             raise ValueError(f"--labels must be known or recovered, not {labels!r}")
-        from attacker.labels import LABEL_METHODS
         from .registry import lookup
 
         lookup(LABEL_METHODS, label_method, "label method (--label-method)")
@@ -165,11 +162,10 @@ def attack(
         attack_obj = build_attack(spec)
         client = ClientConfig(mode=mode, lr=lr, epochs=epochs, batch_size=local_batch_size or batch_size,
                               num_samples=batch_size if mode == "fedavg" else None)
-        threat = ThreatModel(labels=labels, label_method=label_method,
-                             bn_stats_shared=any(d.startswith("share_bn_stats") for d in defense))
         from .defenses import build_defense
 
         defenses = [build_defense(_parse_defense(d)) for d in defense]
+        threat = build_threat(defenses, labels=labels, label_method=label_method)
         data = load_dataset(dataset, split)
         job = SingleUpdateJob(data=data, model_name=model, indices=parse_indices(indices), batch_size=batch_size,
                               attack=attack_obj, train=client.train_config(), defenses=defenses, threat=threat,

@@ -12,16 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacker.records import AuditRecord, ThreatModel
-
+from .contract import AuditRecord, ThreatModel
 from .data import ImageData
 from .defenses import Defense, DefenseContext, apply_pipeline
+from .seeds import round_seed
 from .training import TrainConfig, float_state, local_train, step_schedule
-
-
-def round_seed(seed: int, server_round: int, client_id: int, stream: int) -> int:
-    """A seed for one (run, round, client, purpose) that does not depend on scheduling."""
-    return int(np.random.SeedSequence([seed, server_round, client_id, stream]).generate_state(1)[0])
 
 
 @dataclass
@@ -64,10 +59,4 @@ def client_round(model: nn.Module, global_state: dict[str, torch.Tensor], data: 
     return ClientReply(state=state, num_examples=len(sample_ids), train_loss=result.loss, shared=shared, audit=audit)
 
 
-def observed_delta(global_state: dict[str, np.ndarray], reply_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """What the server computes from a reply: the sent weights minus the public ones."""
-    return {k: np.asarray(reply_state[k], dtype=np.float32) - np.asarray(global_state[k], dtype=np.float32)
-            for k in global_state}
-
-
-__all__ = ["ClientReply", "choose_samples", "client_round", "observed_delta", "round_seed", "float_state"]
+__all__ = ["ClientReply", "choose_samples", "client_round", "round_seed", "float_state"]

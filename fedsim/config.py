@@ -13,10 +13,8 @@ from typing import Annotated, Any, Callable, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from attacker.attacks import build_attack
-from attacker.records import ThreatModel
-
-from .defenses import build_defense
+from .contract import LABEL_METHODS, ThreatModel, build_attack
+from .defenses import Defense, build_defense, shared_by
 from .models import MODELS
 from .registry import lookup
 from .training import TrainConfig
@@ -32,10 +30,12 @@ def registered(registry: Callable[[], dict], kind: str) -> AfterValidator:
     return AfterValidator(check)
 
 
-def _label_methods() -> dict:
-    from attacker.labels import LABEL_METHODS
-
-    return LABEL_METHODS
+def build_threat(defenses: list[Defense], *, labels: str = "recovered", label_method: str = "auto",
+                 hyperparameters_known: bool = True, secure_aggregation: bool = False) -> ThreatModel:
+    """The threat model of a run: what clients share follows from their defense pipeline (the one place this is
+    derived for `fedsim run`, `fedsim attack` and `fedsim experiment`)."""
+    return ThreatModel(labels=labels, label_method=label_method, bn_stats_shared="bn_stats" in shared_by(defenses),
+                       hyperparameters_known=hyperparameters_known, secure_aggregation=secure_aggregation)
 
 
 class ConfigError(ValueError):
@@ -94,7 +94,7 @@ class ClientConfig(Section):
 
 class ThreatConfig(Section):
     labels: Literal["known", "recovered"] = "recovered"
-    label_method: Annotated[str, registered(_label_methods, "label method")] = "auto"
+    label_method: Annotated[str, registered(lambda: LABEL_METHODS, "label method")] = "auto"
     bn_stats_shared: bool | None = None  # derived from the defense pipeline (share_bn_stats) when unset
     hyperparameters_known: bool = True
     secure_aggregation: bool = False
@@ -141,7 +141,7 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self):
-        shares_bn = any(d.get("name") == "share_bn_stats" for d in self.defenses)
+        shares_bn = self.threat_model().bn_stats_shared
         if self.threat.bn_stats_shared is not None and self.threat.bn_stats_shared != shares_bn:
             raise ValueError(f"threat.bn_stats_shared={self.threat.bn_stats_shared} but the defense pipeline "
                              f"{'does' if shares_bn else 'does not'} contain share_bn_stats")
@@ -155,10 +155,9 @@ class ExperimentConfig(Section):
 
     # Derived views -------------------------------------------------------------------------------------------
     def threat_model(self) -> ThreatModel:
-        shares_bn = any(d.get("name") == "share_bn_stats" for d in self.defenses)
         t = self.threat
-        return ThreatModel(labels=t.labels, label_method=t.label_method, bn_stats_shared=shares_bn,
-                           hyperparameters_known=t.hyperparameters_known, secure_aggregation=t.secure_aggregation)
+        return build_threat(self.build_defenses(), labels=t.labels, label_method=t.label_method,
+                            hyperparameters_known=t.hyperparameters_known, secure_aggregation=t.secure_aggregation)
 
     def build_defenses(self):
         return [build_defense(spec) for spec in self.defenses]

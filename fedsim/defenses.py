@@ -16,9 +16,9 @@ import torch
 from pydantic import Field
 
 from .params import Registered
-from .registry import build_from_spec
+from .registry import PluginRegistry, build_from_spec
 
-DEFENSES: dict[str, type["Defense"]] = {}
+DEFENSES = PluginRegistry("fedsim.defenses", "defense")
 
 
 @dataclass
@@ -32,6 +32,9 @@ class DefenseContext:
 
 class Defense(Registered):
     registry: ClassVar[dict[str, type]] = DEFENSES
+    # Extras this defense makes the client send (keys of DefenseContext.shared), e.g. ("bn_stats",): the threat
+    # model derives what clients share from the pipeline (shared_by), never from a separate switch.
+    shares: ClassVar[tuple[str, ...]] = ()
 
     def apply(self, update: dict[str, torch.Tensor], ctx: DefenseContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -84,6 +87,7 @@ class ShareBNStats(Defense):
     from its first local step (the side information GradInversion's fidelity term uses)."""
 
     name: ClassVar[str] = "share_bn_stats"
+    shares: ClassVar[tuple[str, ...]] = ("bn_stats",)
 
     def apply(self, update, ctx):
         ctx.shared["bn_stats"] = {k: (m.clone(), v.clone()) for k, (m, v) in ctx.bn_stats.items()}
@@ -93,6 +97,11 @@ class ShareBNStats(Defense):
 def build_defense(spec: dict) -> Defense:
     """Construct a defense from ``{"name": ..., **params}``; raises ValueError naming the bad key."""
     return build_from_spec(DEFENSES, spec, "defense")
+
+
+def shared_by(defenses: list[Defense]) -> set[str]:
+    """The extras a client running this pipeline sends besides its update."""
+    return {key for d in defenses for key in d.shares}
 
 
 def apply_pipeline(defenses: list[Defense], update: dict[str, torch.Tensor], ctx: DefenseContext) -> dict[str, torch.Tensor]:

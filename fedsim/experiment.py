@@ -19,10 +19,8 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from attacker.attacks import build_attack
-from attacker.records import ThreatModel
-
-from .config import ClientConfig, ConfigError, _format_validation_error, _label_methods, apply_override, registered
+from .config import ClientConfig, ConfigError, _format_validation_error, apply_override, build_threat, registered
+from .contract import LABEL_METHODS, build_attack
 from .data import load_dataset
 from .defenses import build_defense
 from .single import SingleUpdateJob, parse_indices, run_single
@@ -53,7 +51,7 @@ class Case(Strict):
     attack: dict[str, Any]
     defenses: list[dict[str, Any]] = Field(default_factory=list)
     labels: Literal["known", "recovered"] = "recovered"
-    label_method: Annotated[str, registered(_label_methods, "label method")] = "auto"
+    label_method: Annotated[str, registered(lambda: LABEL_METHODS, "label method")] = "auto"
     distinct_labels: bool = False  # fill each update with the next images whose labels are new to it (as IG's code)
     paper: str = ""  # the published number, as printed
 
@@ -140,13 +138,12 @@ def run_experiment_file(path: Path, overrides: list[str] | None = None, only: li
             continue
         victim = exp.victims[case.victim]
         checkpoint = _victim_checkpoint(exp, case.victim, victim, out, log)
-        shares_bn = any(d.get("name") == "share_bn_stats" for d in case.defenses)
+        defenses = [build_defense(d) for d in case.defenses]
         case_indices = distinct_label_order(indices, data.labels, case.batch_size) if case.distinct_labels else indices
         job = SingleUpdateJob(
             data=data, model_name=victim.model, indices=case_indices, batch_size=case.batch_size,
             attack=build_attack(case.attack), train=case.client.train_config(),
-            defenses=[build_defense(d) for d in case.defenses],
-            threat=ThreatModel(labels=case.labels, label_method=case.label_method, bn_stats_shared=shares_bn),
+            defenses=defenses, threat=build_threat(defenses, labels=case.labels, label_method=case.label_method),
             width=victim.width, checkpoint=checkpoint, seed=exp.seed, device=device)
         t0 = time.perf_counter()
         rows = run_single(job, case_dir)

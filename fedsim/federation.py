@@ -23,19 +23,20 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from attacker.evaluator import LeakageEvaluator
-from attacker.pool import AttackerPool
-from attacker.records import LeakageRecord, ModelSpec, ThreatModel
 from strategies.honest_but_curious import HonestButCurious, UpdateTee
-from strategies.protocol import ARRAYS, AUDIT, CONFIG, METRICS, SHARED, encode_audit, encode_shared
 from strategies.reproducible import ReproducibleSampling
 
 from .client import choose_samples, client_round
 from .config import ExperimentConfig
-from .defenses import build_defense
+from .contract import LeakageRecord, ModelSpec, ServerView, ThreatModel
 from .data import ImageData, load_dataset, partition_indices
+from .defenses import build_defense
+from .evaluation import LeakageEvaluator
 from .models import build_model
+from .pool import AttackerPool
+from .protocol import ARRAYS, CONFIG, METRICS, reply_content
 from .results import RunDirectory
+from .seeds import attacker_root
 from .training import TrainConfig, evaluate_accuracy, float_state
 
 log = logging.getLogger("fedsim")
@@ -174,14 +175,7 @@ def make_client_app(cfg: ExperimentConfig, data_plan: DataPlan, partitions: list
         ids = choose_samples(partitions[pid], sent.num_samples, plan.seed, server_round, pid)
         reply = client_round(model, global_state, data, ids, sent, defenses, threat, seed=plan.seed,
                              server_round=server_round, client_id=pid)
-        content = RecordDict({
-            ARRAYS: ArrayRecord({k: reply.state[k].contiguous() for k in global_state}),
-            METRICS: MetricRecord({"num-examples": reply.num_examples, "train-loss": reply.train_loss,
-                                   "partition-id": pid}),
-            SHARED: encode_shared(reply.shared),
-            AUDIT: encode_audit(reply.audit),
-        })
-        return Message(content, reply_to=msg)
+        return Message(reply_content(reply, pid, global_state), reply_to=msg)
 
     return app
 
@@ -266,8 +260,9 @@ def _server_main(grid: Grid, session: Session) -> None:
     flwr_log.setLevel(level)
     strategy = ReproducibleSampling(inner, partition_of, cfg.federation.clients_per_round, cfg.seed)
     if session.pool is not None:
-        tee = UpdateTee(fed.spec, (fed.train.mean, fed.train.std), cfg.threat_model(),
-                        tuple(d.tag() for d in cfg.build_defenses()), cfg.attack.clients_per_round, cfg.seed,
+        view = ServerView(fed.spec, (fed.train.mean, fed.train.std), cfg.threat_model(),
+                          tuple(d.tag() for d in cfg.build_defenses()))
+        tee = UpdateTee(view, cfg.attack.clients_per_round, cfg.seed,
                         submit=session.pool.submit, audit=session.evaluator.register_audit,
                         audit_sum=session.evaluator.register_sum)
         strategy = HonestButCurious(strategy, tee)  # outermost: it sees replies exactly as they arrive
@@ -368,8 +363,8 @@ def run_experiment(cfg: ExperimentConfig, *, ray_address: str | None = None, res
                                          grid_dir=store.root / "grids", on_row=progress.attack_done)
             pool = AttackerPool(cfg.attacks, cfg.threat_model(), evaluator.record, executor=cfg.attack.executor,
                                 workers=cfg.attack.workers, threads=cfg.attack.threads, device=cfg.device,
-                                seed=cfg.seed, gpus_per_worker=cfg.attack.gpus_per_worker,
-                                on_submit=progress.attacks_submitted)
+                                seed_root=attacker_root(cfg.seed), gpus_per_worker=cfg.attack.gpus_per_worker,
+                                state_dir=store.attacker, on_submit=progress.attacks_submitted)
         session = Session(fed, store, pool, evaluator, progress)
         backend = {"client_resources": {"num_cpus": cfg.ray.client_cpus, "num_gpus": cfg.ray.client_gpus},
                    "init_args": {}}

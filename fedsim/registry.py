@@ -1,10 +1,64 @@
-"""Name registries shared by models, defenses, attacks, label methods and engine parts."""
+"""Name registries shared by models, defenses, attacks, label methods, generators and engine parts.
+
+A :class:`PluginRegistry` is also filled from a Python entry-point group, so an outside package adds an attack (or a
+defense, a label method, a generator) by declaring it in its own metadata, without editing fedsim::
+
+    [project.entry-points."fedsim.attacks"]
+    my_attack = "my_package.attacks:MyAttack"
+
+An entry point is loaded (its module imported) the first time its name is looked up.
+"""
 
 from __future__ import annotations
 
+from importlib.metadata import entry_points
 from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
+
+
+class PluginError(ValueError):
+    """An entry point named in some package's metadata failed to load."""
+
+
+class PluginRegistry(dict):
+    """A dict of name -> object that falls back on the entry points of ``group`` for names it does not hold yet."""
+
+    def __init__(self, group: str, kind: str) -> None:
+        super().__init__()
+        self.group, self.kind = group, kind
+
+    def _entry_points(self) -> dict:
+        return {ep.name: ep for ep in entry_points(group=self.group)}
+
+    def _load(self, name: Any) -> bool:
+        if dict.__contains__(self, name) or not isinstance(name, str):
+            return dict.__contains__(self, name)
+        ep = self._entry_points().get(name)
+        if ep is None:
+            return False
+        try:
+            obj = ep.load()  # importing the module registers what it defines
+        except Exception as err:  # noqa: BLE001 - a broken plugin is a one-line configuration error
+            raise PluginError(f"{self.kind} {name!r} from entry point {ep.value!r} failed to load: "
+                              f"{type(err).__name__}: {err}") from None
+        if not dict.__contains__(self, name):
+            self[name] = obj
+        return True
+
+    def __contains__(self, name: object) -> bool:
+        return self._load(name)
+
+    def __getitem__(self, name: Any):
+        self._load(name)
+        return dict.__getitem__(self, name)
+
+    def get(self, name: Any, default=None):
+        return self[name] if name in self else default
+
+    def names(self) -> list[str]:
+        """Every available name: registered ones and those an entry point offers (not loaded)."""
+        return sorted(set(dict.keys(self)) | set(self._entry_points()))
 
 
 def register(registry: dict[str, T], name: str) -> Callable[[T], T]:
@@ -20,7 +74,8 @@ def register(registry: dict[str, T], name: str) -> Callable[[T], T]:
 def lookup(registry: dict[str, T], name: Any, kind: str) -> T:
     """``registry[name]`` or a ValueError that lists the choices."""
     if name not in registry:
-        raise ValueError(f"unknown {kind} {name!r}; choose one of {sorted(registry)}")
+        choices = registry.names() if isinstance(registry, PluginRegistry) else sorted(registry)
+        raise ValueError(f"unknown {kind} {name!r}; choose one of {choices}")
     return registry[name]
 
 
@@ -28,4 +83,3 @@ def build_from_spec(registry: dict[str, type], spec: dict, kind: str):
     """Construct ``registry[spec["name"]](**rest)`` from a config table."""
     spec = dict(spec)
     return lookup(registry, spec.pop("name", None), kind)(**spec)
-

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -45,6 +46,9 @@ class RunDirectory:
     def __init__(self, root: Path, resume: bool = False) -> None:
         self.root = Path(root)
         (self.root / "grids").mkdir(parents=True, exist_ok=True)
+        self.attacker = self.root / "attacker"  # saved attacker state (fedsim.pool), one folder per stateful attack
+        if not resume and self.attacker.exists():
+            shutil.rmtree(self.attacker)  # a fresh run must not start from an earlier run's learnt state
         self.leakage = ParquetTable(self.root / "leakage.parquet", resume)
         self.rounds = ParquetTable(self.root / "rounds.parquet", resume)
 

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from attacker.attacks import Attack, label_candidates
-from attacker.evaluator import LeakageEvaluator
-from attacker.records import LeakageRecord, ModelSpec, ObservedUpdate, ThreatModel
-
-from .client import client_round, observed_delta
+from .client import client_round
+from .contract import Attack, LeakageRecord, ModelSpec, ServerView, ThreatModel
 from .data import ImageData
 from .defenses import Defense
+from .evaluation import LeakageEvaluator
 from .models import build_model
+from .protocol import read_audit, read_reply, reply_content
 from .results import RunDirectory
+from .seeds import attack_seed, attacker_root
 from .training import TrainConfig, float_state
 
 
@@ -72,6 +72,8 @@ def run_single(job: SingleUpdateJob, output: Path) -> list[LeakageRecord]:
     evaluator = LeakageEvaluator(lambda ids: (data.unit_tensor(ids), data.labels[ids]), store.leakage.append,
                                  grid_dir=store.root / "grids")
 
+    # The same server view as the federation's tee: the reply goes through the Flower records a client would send.
+    view = ServerView(spec, (data.mean, data.std), job.threat, tuple(d.tag() for d in job.defenses))
     observed_list = []
     batches = [job.indices[i:i + job.batch_size] for i in range(0, len(job.indices), job.batch_size)]
     for b, ids in enumerate(batches):
@@ -79,13 +81,9 @@ def run_single(job: SingleUpdateJob, output: Path) -> list[LeakageRecord]:
         cfg = replace(job.train, num_samples=len(ids), batch_size=len(ids) if fedsgd else job.train.batch_size)
         reply = client_round(model, global_state, data, np.asarray(ids), cfg, job.defenses, job.threat,
                              seed=job.seed, server_round=0, client_id=b)
-        evaluator.register_audit(reply.audit)
-        observed_list.append(ObservedUpdate(
-            round=0, client_id=b, model=spec, normalization=(data.mean, data.std), global_state=global_np,
-            update=observed_delta(global_np, {k: v.numpy() for k, v in reply.state.items()}),
-            train_config=cfg.to_record(), num_examples=reply.num_examples, shared=reply.shared,
-            defenses=tuple(d.tag() for d in job.defenses)))
-    reconstructions = job.attack.reconstruct_many(observed_list, job.threat, device=job.device, seed=job.seed)
-    for obs, rec in zip(observed_list, reconstructions):
-        rec.extra.setdefault("label_candidates", label_candidates(obs, job.threat))
+        content = reply_content(reply, b, global_state)
+        evaluator.register_audit(read_audit(content, 0))
+        observed_list.append(view.observe(0, global_np, cfg.to_record(), read_reply(content)))
+    seed = attack_seed(attacker_root(job.seed), 0, 0)  # the attacker's stream, as in a federation
+    reconstructions = job.attack.reconstruct_many(observed_list, job.threat, device=job.device, seed=seed)
     return [evaluator.record(obs, job.attack.name, rec) for obs, rec in zip(observed_list, reconstructions)]

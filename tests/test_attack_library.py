@@ -9,7 +9,7 @@ from attacker.analytic import linear_input
 from attacker.engine import (AttackEngine, BatchedLBFGS, CandidateContext, EngineSpec, InversionProblem,
                              OptimizerSpec, VictimSimulator, bn_fidelity, lazy_consensus, registered_consensus)
 from attacker.labels import model_probe, recover_labels
-from attacker.metrics import label_accuracy
+from fedsim.metrics import label_accuracy
 from attacker.registration import pixel_shift, register_translation
 from fedsim.models import build_model
 from fedsim.training import TrainConfig, float_state, local_train, step_schedule

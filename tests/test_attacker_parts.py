@@ -8,7 +8,7 @@ from torch import nn
 from attacker.engine import (AttackEngine, EngineSpec, InversionProblem, OBJECTIVES, VictimSimulator,
                              total_variation)
 from attacker.labels import recover_labels
-from attacker.metrics import label_accuracy, match, psnr, score
+from fedsim.metrics import label_accuracy, match, psnr, score
 from fedsim.models import build_model
 from fedsim.training import TrainConfig, float_state, local_train, step_schedule
 

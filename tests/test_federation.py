@@ -1,31 +1,27 @@
 """End to end on real Flower + Ray (no mocks): determinism with the tee, the attacker/ground-truth line, results."""
 
 import pickle
-from typing import ClassVar
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from attacker.attacks import Attack
-from attacker.records import ObservedUpdate, Reconstruction
 from fedsim.config import load_config
+from fedsim.contract import ObservedUpdate
 from fedsim.federation import run_experiment
 
 pytestmark = pytest.mark.ray
 
-SEEN: list[ObservedUpdate] = []
 
+@pytest.fixture
+def spy(monkeypatch):
+    """The outside package's spy attack (registered by entry point, not by fedsim): what reached it."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "outside_plugin"))
+    import fedsim_outside
 
-class SpyAttack(Attack):
-    """Records exactly what reaches an attack; returns a blank reconstruction."""
-
-    name: ClassVar[str] = "spy_for_tests"
-
-    def reconstruct_many(self, observed, threat, *, device="cpu", seed=0):
-        SEEN.extend(observed)
-        return [Reconstruction(self.name, np.zeros((o.num_examples, *o.model.image_shape), np.float32),
-                               np.zeros(o.num_examples, np.int64), "none", 0.0, 0.0, 0, 1) for o in observed]
+    fedsim_outside.SEEN.clear()
+    return fedsim_outside.SEEN
 
 
 def small_config(tmp_path, name, *overrides):
@@ -51,9 +47,9 @@ def test_tee_and_attacks_leave_the_global_model_bit_identical(tmp_path, data_dir
     assert not (off.root / "leakage.parquet").exists()
 
 
-def test_attacks_receive_only_what_the_server_observes(tmp_path, data_dir):
-    SEEN.clear()
-    cfg = small_config(tmp_path, "spy", 'attacks=[{name="spy_for_tests"}]', 'attack.executor="inline"',
+def test_attacks_receive_only_what_the_server_observes(tmp_path, data_dir, spy):
+    SEEN = spy
+    cfg = small_config(tmp_path, "spy", 'attacks=[{name="outside_spy"}]', 'attack.executor="inline"',
                        'threat.labels="known"', "client.batch_size=2",
                        'defenses=[{name="topk", fraction=0.5}]')
     store = run_experiment(cfg, show_progress=False)
@@ -76,9 +72,9 @@ def test_attacks_receive_only_what_the_server_observes(tmp_path, data_dir):
     assert (leak.status == "ok").all() and len(leak) == 4
 
 
-def test_shared_batchnorm_statistics_reach_the_attacker_through_flower(tmp_path, data_dir):
-    SEEN.clear()
-    cfg = small_config(tmp_path, "bn", 'attacks=[{name="spy_for_tests"}]', 'attack.executor="inline"',
+def test_shared_batchnorm_statistics_reach_the_attacker_through_flower(tmp_path, data_dir, spy):
+    SEEN = spy
+    cfg = small_config(tmp_path, "bn", 'attacks=[{name="outside_spy"}]', 'attack.executor="inline"',
                        'model.name="convnet"', "model.width=4", "client.batch_size=2",
                        'defenses=[{name="share_bn_stats"}]', "federation.rounds=1")
     run_experiment(cfg, show_progress=False)
@@ -93,6 +89,6 @@ def test_shared_batchnorm_statistics_reach_the_attacker_through_flower(tmp_path,
         assert mean.shape == (4,) and var.shape == (4,) and (var >= 0).all()
     # without the defense the same threat switch shares nothing
     SEEN.clear()
-    run_experiment(small_config(tmp_path, "nobn", 'attacks=[{name="spy_for_tests"}]', 'attack.executor="inline"',
+    run_experiment(small_config(tmp_path, "nobn", 'attacks=[{name="outside_spy"}]', 'attack.executor="inline"',
                                 'model.name="convnet"', "model.width=4", "federation.rounds=1"), show_progress=False)
     assert all("bn_stats" not in obs.shared for obs in SEEN)

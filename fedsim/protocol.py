@@ -4,15 +4,16 @@ A train reply holds: ``arrays`` (ArrayRecord: the client's new weights after def
 ``num-examples``, ``train-loss``, ``partition-id``), ``shared`` (ConfigRecord: extras the client shares, e.g.
 ``labels`` or ``bn.<layer>.mean``/``bn.<layer>.var``) and ``audit`` (ConfigRecord: ``sample-ids`` and ``step-ids``,
 the ground truth for the evaluator only). Flower's FedAvg aggregates the one ArrayRecord and MetricRecord and ignores
-ConfigRecords.
+ConfigRecords. The ClientApp writes replies with :func:`reply_content`; the server reads them with
+:func:`read_reply` and :func:`read_audit`, and so does the single-update path, so both see the same bytes.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from attacker.records import AuditRecord
+from .contract import AuditRecord, ReplyView
 
 ARRAYS, METRICS, SHARED, AUDIT, CONFIG = "arrays", "metrics", "shared", "audit", "config"
 
@@ -51,7 +52,26 @@ def encode_audit(audit: AuditRecord) -> ConfigRecord:
     return ConfigRecord({"sample-ids": list(audit.sample_ids), "step-ids": list(audit.step_ids)})
 
 
-def decode_audit(content: RecordDict, server_round: int, client_id: int) -> AuditRecord:
+def reply_content(reply, partition_id: int, keys) -> RecordDict:
+    """The records of a client's train reply (``reply``: a fedsim.client.ClientReply) for the arrays ``keys``."""
+    return RecordDict({
+        ARRAYS: ArrayRecord({k: reply.state[k].contiguous() for k in keys}),
+        METRICS: MetricRecord({"num-examples": reply.num_examples, "train-loss": reply.train_loss,
+                               "partition-id": partition_id}),
+        SHARED: encode_shared(reply.shared),
+        AUDIT: encode_audit(reply.audit),
+    })
+
+
+def read_reply(content: RecordDict) -> ReplyView:
+    """What the server reads of a reply: client id, weights, reported examples and every shared extra."""
+    metrics = content[METRICS]
+    return ReplyView(client_id=int(metrics["partition-id"]), arrays=arrays_to_numpy(content[ARRAYS]),
+                     num_examples=int(metrics["num-examples"]), shared=decode_shared(content.get(SHARED)))
+
+
+def read_audit(content: RecordDict, server_round: int) -> AuditRecord:
     record = content[AUDIT]
-    return AuditRecord(round=server_round, client_id=client_id, sample_ids=tuple(int(i) for i in record["sample-ids"]),
+    return AuditRecord(round=server_round, client_id=int(content[METRICS]["partition-id"]),
+                       sample_ids=tuple(int(i) for i in record["sample-ids"]),
                        step_ids=tuple(int(i) for i in record["step-ids"]))

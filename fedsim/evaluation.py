@@ -14,8 +14,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .contract import AuditRecord, LeakageRecord, ObservedUpdate, Reconstruction
 from .metrics import label_accuracy, score
-from .records import AuditRecord, LeakageRecord, ObservedUpdate, Reconstruction
 
 GroundTruth = Callable[[list[int]], tuple[torch.Tensor, np.ndarray | None]]
 
@@ -54,7 +54,8 @@ class LeakageEvaluator:
             for key, value in scores.summary().items():
                 setattr(row, key, value)
             row.label_method = outcome.label_method
-            for key in ("update_l2", "update_sign_agreement", "update_cosine_distance"):
+            for key in ("update_l2", "update_sign_agreement", "update_cosine_distance", "prior_round",
+                        "prior_meta_steps"):
                 if key in outcome.extra:
                     setattr(row, key, outcome.extra[key])
             for method, labels in outcome.extra.get("label_candidates", {}).items():
@@ -76,7 +77,7 @@ class LeakageEvaluator:
     def _update_grid(self, observed: ObservedUpdate, attack: str, gt: torch.Tensor, rec: torch.Tensor) -> None:
         if self.grid_dir is None:
             return
-        from fedsim.results import save_grid
+        from .results import save_grid
 
         with self._lock:
             cells = self._grid_rows[observed.round]

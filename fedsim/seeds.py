@@ -1,0 +1,29 @@
+"""Seed streams. Clients and attackers draw from separate branches of the run seed.
+
+Clients: one seed per (run seed, round, client, purpose): sample choice, step order, defense noise.
+Attacker workers: a root derived on a spawn branch of the run seed that no client seed lies on; workers are given
+only that root (never the run seed), so an attack cannot regenerate the clients' sample choice or partitioning, and
+the attack seed of each (round, attack) is drawn from the root.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ATTACKER_BRANCH = 0xA77AC  # spawn key of the attacker's branch
+
+
+def round_seed(seed: int, server_round: int, client_id: int, stream: int) -> int:
+    """A client's seed for one (run, round, client, purpose) that does not depend on scheduling."""
+    return int(np.random.SeedSequence([seed, server_round, client_id, stream]).generate_state(1)[0])
+
+
+def attacker_root(seed: int) -> int:
+    """The attacker's root seed: a 64-bit value on its own spawn branch of the run seed."""
+    words = np.random.SeedSequence(seed, spawn_key=(ATTACKER_BRANCH,)).generate_state(2, dtype=np.uint32)
+    return int(words[0]) << 32 | int(words[1])
+
+
+def attack_seed(root: int, server_round: int, attack_index: int) -> int:
+    """The seed an attack runs with on one round's updates (restart inits, prior task sampling)."""
+    return int(np.random.SeedSequence(root, spawn_key=(server_round, attack_index)).generate_state(1)[0])

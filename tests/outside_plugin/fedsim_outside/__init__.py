@@ -1,0 +1,61 @@
+"""An attack package that lives outside fedsim: its metadata (../fedsim_outside-0.1.dist-info/entry_points.txt)
+registers two attacks in the ``fedsim.attacks`` group. Put this folder on sys.path (or PYTHONPATH) to install it."""
+
+from typing import ClassVar
+
+import numpy as np
+import torch
+from pydantic import Field, PrivateAttr
+
+from fedsim.contract import Attack, Reconstruction
+
+SEEN: list = []  # every ObservedUpdate that reached SpyAttack in this process
+
+
+class SpyAttack(Attack):
+    """Records exactly what reaches an attack; returns a blank reconstruction."""
+
+    name: ClassVar[str] = "outside_spy"
+
+    def reconstruct_many(self, observed, threat, *, device="cpu", seed=0):
+        SEEN.extend(observed)
+        return [Reconstruction(self.name, np.zeros((o.num_examples, *o.model.image_shape), np.float32),
+                               np.zeros(o.num_examples, np.int64), "none", 0.0, 0.0, 0, 1) for o in observed]
+
+
+class MeanImage(Attack):
+    """Answers every image with one flat colour (``level`` in [0, 1]): a baseline any attack should beat."""
+
+    name: ClassVar[str] = "outside_mean"
+    level: float = Field(default=0.5, ge=0.0, le=1.0)
+
+    def reconstruct_many(self, observed, threat, *, device="cpu", seed=0):
+        return [Reconstruction(self.name, np.full((o.num_examples, *o.model.image_shape), self.level, np.float32),
+                               np.zeros(o.num_examples, np.int64), "none", 0.0, 0.0, 0, 1) for o in observed]
+
+
+class CountingAttack(Attack):
+    """A stateful attack (one global state): counts the updates and rounds it has seen; each row reports them as its
+    'prior' (round of the state used, updates seen before)."""
+
+    name: ClassVar[str] = "outside_counter"
+    state_scope: ClassVar[str] = "global"
+    _state: dict = PrivateAttr(default_factory=lambda: {"updates": 0, "rounds": []})
+
+    def reconstruct_many(self, observed, threat, *, device="cpu", seed=0):
+        seen_before = self._state["updates"]
+        self._state["updates"] += len(observed)
+        last = self._state["rounds"][-1] if self._state["rounds"] else -1
+        return [Reconstruction(self.name, np.zeros((o.num_examples, *o.model.image_shape), np.float32),
+                               np.zeros(o.num_examples, np.int64), "none", 0.0, 0.0, 0, 1,
+                               extra={"prior_round": last, "prior_meta_steps": seen_before, "seed": seed})
+                for o in observed]
+
+    def end_round(self, server_round, *, device="cpu", seed=0):
+        self._state["rounds"].append(server_round)
+
+    def state_dict(self):
+        return {"updates": torch.tensor(self._state["updates"]), "rounds": list(self._state["rounds"])}
+
+    def load_state_dict(self, state):
+        self._state = {"updates": int(state["updates"]), "rounds": [int(r) for r in state["rounds"]]}

@@ -1,0 +1,105 @@
+"""Stateful attacks: one owner per state, saved every round, restored on resume and when Ray restarts a worker."""
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedsim.contract import ModelSpec, ObservedUpdate, ThreatModel
+from fedsim.pool import AttackerPool, owner
+from fedsim.seeds import attack_seed
+
+OUTSIDE = Path(__file__).parent / "outside_plugin"
+
+
+@pytest.fixture
+def outside(monkeypatch):
+    monkeypatch.syspath_prepend(str(OUTSIDE))
+    monkeypatch.setenv("PYTHONPATH", str(OUTSIDE))  # for Ray worker processes
+    import fedsim_outside
+
+    return fedsim_outside
+
+
+def updates(server_round: int, clients: list[int]) -> list[ObservedUpdate]:
+    spec = ModelSpec("lenet_zhu", 10, (3, 8, 8))
+    return [ObservedUpdate(round=server_round, client_id=c, model=spec, normalization=((0.5,) * 3, (0.5,) * 3),
+                           global_state={"w": np.zeros(2, np.float32)}, update={"w": np.ones(2, np.float32)},
+                           train_config={}, num_examples=1) for c in clients]
+
+
+class Rows:
+    def __init__(self):
+        self.rows = []
+
+    def __call__(self, observed, attack, outcome):
+        assert not isinstance(outcome, BaseException), outcome
+        self.rows.append((observed.round, observed.client_id, attack, outcome.extra))
+
+
+def test_state_is_saved_every_round_and_restored_on_resume(tmp_path, outside):
+    rows = Rows()
+    specs = [{"name": "outside_counter"}, {"name": "outside_mean"}]
+    pool = AttackerPool(specs, ThreatModel(), rows, executor="inline", state_dir=tmp_path, seed_root=12345)
+    for r, clients in ((1, [0, 3]), (2, [1]), (3, [2, 4, 5])):
+        pool.submit(updates(r, clients))
+    folder = tmp_path / "outside_counter"
+    assert sorted(p.name for p in folder.iterdir()) == ["round_001.pt", "round_002.pt", "round_003.pt"]
+    assert not (tmp_path / "outside_mean").exists()  # stateless: nothing saved
+    state = torch.load(folder / "round_002.pt", weights_only=True)
+    assert state["round"] == 2 and int(state["state"]["updates"]) == 3 and state["state"]["rounds"] == [1, 2]
+    counter = [extra for (r, c, a, extra) in rows.rows if a == "outside_counter"]
+    assert [e["prior_meta_steps"] for e in counter] == [0, 0, 2, 3, 3, 3]  # state grows across rounds
+    assert {e["seed"] for e in counter} == {attack_seed(12345, r, 0) for r in (1, 2, 3)}
+
+    resumed = AttackerPool(specs, ThreatModel(), rows, executor="inline", state_dir=tmp_path, seed_root=12345)
+    assert resumed._inline.restored == {"outside_counter": 3}
+    rows.rows.clear()
+    resumed.submit(updates(4, [7]))
+    (extra,) = [e for (_, _, a, e) in rows.rows if a == "outside_counter"]
+    assert extra["prior_meta_steps"] == 6 and extra["prior_round"] == 3
+
+
+def test_a_global_state_has_one_owner_and_a_client_history_shards(outside):
+    counter, mean = outside.CountingAttack, outside.MeanImage
+    assert {owner(counter, 1, c, 3) for c in range(20)} == {1}
+    assert [owner(mean, 0, c, 3) for c in range(6)] == [0, 1, 2, 0, 1, 2]
+
+
+@pytest.mark.ray
+def test_a_killed_worker_restarts_with_its_saved_state(tmp_path, outside):
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             object_store_memory=100 * 1024 * 1024, _temp_dir=tempfile.mkdtemp(prefix="fsray-"))
+    try:
+        rows = Rows()
+        pool = AttackerPool([{"name": "outside_counter"}], ThreatModel(), rows, executor="ray", workers=2,
+                            state_dir=tmp_path / "attacker", seed_root=7)
+        pool.submit(updates(1, [0, 1, 2]))
+        pool.submit(updates(2, [3]))
+        pool.drain(timeout=120)
+        actor = pool._actors[owner(outside.CountingAttack, 0, 0, 2)]
+        assert ray.get(actor.ping.remote()) == {}  # started fresh
+        ray.kill(actor, no_restart=False)
+        deadline = time.time() + 60
+        while True:  # Ray restarts the actor, whose __init__ reloads the newest saved state
+            try:
+                restored = ray.get(actor.ping.remote(), timeout=10)
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+        assert restored == {"outside_counter": 2}
+        rows.rows.clear()
+        pool.submit(updates(3, [5]))
+        pool.drain(timeout=120)
+        pool.close()
+        ((r, _, _, extra),) = rows.rows
+        assert r == 3 and extra["prior_meta_steps"] == 4 and extra["prior_round"] == 2
+    finally:
+        ray.shutdown()
