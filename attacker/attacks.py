@@ -21,8 +21,8 @@ from fedsim.models import build_model
 from fedsim.training import TrainConfig, step_schedule
 
 from .analytic import first_layer_is_linear, linear_layers, recover_layer_input
-from .engine import (SEARCH_SPACES, AttackEngine, EngineSpec, GroupSpec, InversionProblem, OptimizerSpec, VictimSimulator,
-                     check_compile)
+from .engine import (SEARCH_SPACES, AttackEngine, EngineResult, EngineSpec, GroupSpec, InversionProblem, OptimizerSpec,
+                     VictimSimulator, check_compile)
 from .labels import model_probe, recover_labels
 
 __all__ = ["Attack", "build_attack", "OptimizationAttack", "InvertingGradients", "DeepLeakage", "GradInversion",
@@ -124,6 +124,11 @@ class OptimizationAttack(Attack):
         """Per-update extras the regularisers need, stacked [P, ...] (none by default)."""
         return {}
 
+    def search(self, spec: EngineSpec, problem: InversionProblem, device: str, seed: int) -> EngineResult:
+        """The engine run(s) of this attack (one run of the spec's search space by default; a multi-stage attack
+        composes several)."""
+        return AttackEngine(spec, device=device, seed=seed).run(problem)
+
     def labels_for(self, observed: ObservedUpdate, threat: ThreatModel, cfg: TrainConfig,
                    model: torch.nn.Module) -> tuple[np.ndarray, str]:
         return attacker_labels(observed, threat, cfg, model)
@@ -142,7 +147,7 @@ class OptimizationAttack(Attack):
                                    spec.image_shape, *first.normalization, num_classes=spec.num_classes,
                                    aux=self.side_information(observed, simulator, threat))
         engine_spec = replace(self.engine_spec(), update_scale=cfg.lr * len(simulator.schedule))
-        result = AttackEngine(engine_spec, device=device, seed=seed).run(problem)
+        result = self.search(engine_spec, problem, device, seed)
         setup = time.perf_counter() - t0 - result.seconds
         share = (result.seconds + setup) / len(observed)
         joint = SEARCH_SPACES[engine_spec.search_space].searches_labels
@@ -250,23 +255,30 @@ class GradInversion(OptimizationAttack):
                           trace_every=self.trace_every, group=group, batching=self.batching, compile=self.compile)
 
     def side_information(self, observed, simulator, threat):
-        if not self.bn or not simulator.bn_layers:
-            return {}
-        source = self.bn_source
-        if source == "auto":
-            source = "shared" if threat.bn_stats_shared else "running"
-        aux: dict[str, list] = {}
-        for obs in observed:
-            for i, layer in enumerate(simulator.bn_layers):
-                if source == "shared":
-                    if "bn_stats" not in obs.shared:
-                        raise ValueError("bn_source=shared but the clients share no BatchNorm statistics")
-                    mean, var = obs.shared["bn_stats"][layer]
-                else:
-                    mean, var = obs.global_state[f"{layer}.running_mean"], obs.global_state[f"{layer}.running_var"]
-                aux.setdefault(f"bn.mean.{i}", []).append(torch.as_tensor(np.asarray(mean), dtype=torch.float32))
-                aux.setdefault(f"bn.var.{i}", []).append(torch.as_tensor(np.asarray(var), dtype=torch.float32))
-        return {k: torch.stack(v) for k, v in aux.items()}
+        return bn_targets(observed, simulator, threat, self.bn_source) if self.bn else {}
+
+
+def bn_targets(observed: list[ObservedUpdate], simulator: VictimSimulator, threat: ThreatModel,
+               source: str = "auto") -> dict[str, torch.Tensor]:
+    """BatchNorm-fidelity targets per update, stacked [P, channels] as ``bn.mean.i`` / ``bn.var.i``: the batch
+    statistics clients share (``shared``; needs share_bn_stats), the public model's running statistics
+    (``running``, a proxy the server always has), or ``auto`` (shared if the threat model says so)."""
+    if not simulator.bn_layers:
+        return {}
+    if source == "auto":
+        source = "shared" if threat.bn_stats_shared else "running"
+    aux: dict[str, list] = {}
+    for obs in observed:
+        for i, layer in enumerate(simulator.bn_layers):
+            if source == "shared":
+                if "bn_stats" not in obs.shared:
+                    raise ValueError("bn_source=shared but the clients share no BatchNorm statistics")
+                mean, var = obs.shared["bn_stats"][layer]
+            else:
+                mean, var = obs.global_state[f"{layer}.running_mean"], obs.global_state[f"{layer}.running_var"]
+            aux.setdefault(f"bn.mean.{i}", []).append(torch.as_tensor(np.asarray(mean), dtype=torch.float32))
+            aux.setdefault(f"bn.var.{i}", []).append(torch.as_tensor(np.asarray(var), dtype=torch.float32))
+    return {k: torch.stack(v) for k, v in aux.items()}
 
 
 class AnalyticRecovery(Attack):

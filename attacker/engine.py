@@ -237,9 +237,11 @@ class CandidateContext:
     simulator: VictimSimulator
     aux: Tensors  # per-problem side information (BN statistics targets, feature targets)
     anchor: torch.Tensor  # group-consistency anchor for this candidate (same shape as its images)
-    # Computed during the simulated update on the stacked path (else recomputed by the regulariser):
+    # Captured during the simulated update's first forward (else recomputed by the regulariser):
     bn_stats: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     features: torch.Tensor | None = None
+    variables: Tensors | None = None  # the candidate's search variables (latents, generator weights)
+    space: "SearchSpace | None" = None  # the space searched, for regularisers of its variables
 
 
 Regularizer = Callable[[torch.Tensor, CandidateContext], torch.Tensor]
@@ -297,6 +299,7 @@ class SearchSpace:
     the stacked path and for read-out) defaults to ``vmap(decode)``; :meth:`project_` to nothing."""
 
     searches_labels = False  # labels come out of the search (DLG's joint labels), not from the threat model
+    fixed: tuple[str, ...] = ()  # variables that are per-candidate inputs, not searched (e.g. a fixed latent)
 
     def __init__(self, problem: "InversionProblem") -> None:
         self.problem = problem
@@ -669,7 +672,7 @@ class AttackEngine:
         self.device = torch.device(device)
         self.seed = seed
 
-    def _assemble(self, problem: InversionProblem) -> tuple[Callable, tuple[str, ...]]:
+    def _assemble(self, problem: InversionProblem, space: SearchSpace) -> tuple[Callable, tuple[str, ...]]:
         """The per-candidate loss from a candidate's model input ``x`` and simulated update, the one place it is put
         together for every batching path: ``matching_weight * objective(update / scale, target) + sum_i w_i
         reg_i(x)``. Returns it with what the simulated update must capture for the regularisers."""
@@ -678,9 +681,10 @@ class AttackEngine:
         sim = problem.simulator
         scale, matching_weight = self.spec.update_scale, self.spec.matching_weight
 
-        def assemble(x, update: Tensors, captured: dict, target: Tensors, aux: Tensors, anchor: torch.Tensor):
+        def assemble(x, update: Tensors, captured: dict, target: Tensors, aux: Tensors, anchor: torch.Tensor,
+                     variables: Tensors):
             matching = objective({k: v / scale for k, v in update.items()}, target)
-            ctx = CandidateContext(sim, aux, anchor, captured.get("bn"), captured.get("features"))
+            ctx = CandidateContext(sim, aux, anchor, captured.get("bn"), captured.get("features"), variables, space)
             total = matching_weight * matching
             for reg, weight in regs:
                 total = total + weight * reg(x, ctx)
@@ -689,12 +693,12 @@ class AttackEngine:
         return assemble, self._capture_for(regs)
 
     def _per_candidate(self, problem: InversionProblem, space: SearchSpace, functional: bool = True) -> Callable:
-        assemble, capture = self._assemble(problem)
+        assemble, capture = self._assemble(problem, space)
 
         def loss(variables: Tensors, y: torch.Tensor, target: Tensors, aux: Tensors, anchor: torch.Tensor):
             x, y = space.decode(variables, y)
             update, captured = problem.simulator.update_capturing(x, y, functional, capture)
-            return assemble(x, update, captured, target, aux, anchor)
+            return assemble(x, update, captured, target, aux, anchor, variables)
 
         return loss
 
@@ -779,7 +783,7 @@ class AttackEngine:
     def _stacked_executors(self, problem: InversionProblem, space: SearchSpace) -> tuple[Callable, Callable]:
         """All candidates through the stacked network (attacker/stacked.py): one forward and double backward per
         local step for every candidate; the per-candidate loss is vmapped over them (cheap, elementwise)."""
-        assemble, capture = self._assemble(problem)
+        assemble, capture = self._assemble(problem, space)
         batched = vmap(assemble)
 
         def evaluate(variables, labels, targets, aux, anchors, with_grad: bool):
@@ -795,7 +799,7 @@ class AttackEngine:
                 update, captured = problem.simulator.stacked_update(x, y, capture)
                 total, matching = batched(x, update, captured, {k: spread(v) for k, v in targets.items()},
                                           {k: spread(v) for k, v in aux.items()},
-                                          anchors.reshape(P * R, *anchors.shape[2:]))
+                                          anchors.reshape(P * R, *anchors.shape[2:]), flat)
                 grads = None
                 if with_grad:
                     values = torch.autograd.grad(total.sum(), list(flat.values()))
@@ -821,7 +825,8 @@ class AttackEngine:
         anchors = torch.zeros(P, R, problem.batch_size, *problem.image_shape, device=dev)
 
         step_fn, score_fn = self._executors(problem, P * R, space)
-        optimizer = OPTIMIZERS[spec.optimizer.name](variables, spec.optimizer, spec.iterations)
+        searched = {k: v for k, v in variables.items() if k not in space.fixed}
+        optimizer = OPTIMIZERS[spec.optimizer.name](searched, spec.optimizer, spec.iterations)
 
         def closure():
             detached = {k: v.detach() for k, v in variables.items()}

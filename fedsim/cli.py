@@ -123,6 +123,8 @@ def attack(
     attack_lr: Optional[float] = typer.Option(None, "--attack-lr", help="Attack optimiser step size."),
     param: list[str] = typer.Option([], "--param", help="Other attack parameter key=value (repeatable)."),
     trained: Optional[Path] = typer.Option(None, "--trained", help="Victim checkpoint (from train-victim)."),
+    prior: Optional[Path] = typer.Option(None, "--prior", help="Generator checkpoint for generative attacks "
+                                         "(from `fedsim prior train`)."),
     width: int = typer.Option(64, "--width", help="convnet/resnet18 width."),
     defense: list[str] = typer.Option([], "--defense", help="NAME:k=v,... applied by the client (repeatable)."),
     mode: str = typer.Option("fedsgd", "--mode", help="fedsgd or fedavg."),
@@ -153,7 +155,8 @@ def attack(
         if threads:
             torch.set_num_threads(threads)
         spec: dict = {"name": attack_name}
-        for key, value in (("iterations", iterations), ("tv", tv), ("restarts", restarts), ("lr", attack_lr)):
+        for key, value in (("iterations", iterations), ("tv", tv), ("restarts", restarts), ("lr", attack_lr),
+                           ("prior", str(prior) if prior else None)):
             if value is not None:
                 spec[key] = value
         for item in param:
@@ -232,7 +235,20 @@ def train_victim(
                   f"test accuracy {result['test_accuracy']:.3f})")
 
 
+def add_plugin_commands() -> None:
+    """Command groups of plugins (entry-point group ``fedsim.commands``: name -> a typer app), e.g. the attacker's
+    ``fedsim prior``."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="fedsim.commands"):
+        try:
+            app.add_typer(ep.load(), name=ep.name)
+        except Exception as err:  # noqa: BLE001 - a broken plugin must not take the other commands down
+            err_console.print(f"[yellow]warning:[/] plugin command {ep.name!r} ({ep.value}) failed to load: {err}")
+
+
 def main() -> None:
+    add_plugin_commands()
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     for name in ("fedsim", "attacker", "strategies"):

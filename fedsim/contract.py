@@ -203,6 +203,9 @@ class Attack(Registered):
     def reconstruct(self, observed: ObservedUpdate, threat: ThreatModel, **kwargs) -> Reconstruction:
         return self.reconstruct_many([observed], threat, **kwargs)[0]
 
+    def check(self, model: ModelSpec) -> None:
+        """Raise ValueError (one line) if this attack cannot run on ``model``: called before any work starts."""
+
     def end_round(self, server_round: int, *, device: str = "cpu", seed: int = 0) -> None:
         """Called after the round's updates were attacked (e.g. meta-steps of a learnt prior)."""
 

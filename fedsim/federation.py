@@ -28,7 +28,7 @@ from strategies.reproducible import ReproducibleSampling
 
 from .client import choose_samples, client_round
 from .config import ExperimentConfig
-from .contract import LeakageRecord, ModelSpec, ServerView, ThreatModel
+from .contract import LeakageRecord, ModelSpec, ServerView, ThreatModel, build_attack
 from .data import ImageData, load_dataset, partition_indices
 from .defenses import build_defense
 from .evaluation import LeakageEvaluator
@@ -124,6 +124,11 @@ def prepare(cfg: ExperimentConfig) -> Federation:
     n_test = len(test) if d.test_samples == 0 else min(d.test_samples, len(test))
     idx = np.arange(n_test)
     spec = ModelSpec(cfg.model.name, train.num_classes, train.shape, cfg.model.width)
+    for i, attack in enumerate(cfg.attacks):
+        try:
+            build_attack(attack).check(spec)
+        except ValueError as err:
+            raise ValueError(f"attacks.{i}: {err}") from None
     return Federation(cfg, plan, train, partitions, test.model_input(idx), test.label_tensor(idx), spec)
 
 

@@ -66,6 +66,7 @@ def run_single(job: SingleUpdateJob, output: Path) -> list[LeakageRecord]:
     model = build_model(job.model_name, data.num_classes, image_size=data.shape[1], width=job.width,
                         seed=job.seed, checkpoint=job.checkpoint)
     spec = ModelSpec(job.model_name, data.num_classes, data.shape, job.width)
+    job.attack.check(spec)
     global_state = float_state(model)
     global_np = {k: v.numpy() for k, v in global_state.items()}
     store = RunDirectory(output)
