@@ -136,17 +136,11 @@ class OptimizationAttack(Attack):
     def _run(self, observed: list[ObservedUpdate], threat: ThreatModel, cfg: TrainConfig, device: str,
              seed: int) -> list[Reconstruction]:
         t0 = time.perf_counter()
-        first = observed[0]
-        spec = first.model
-        model = public_model(first)
-        simulator = VictimSimulator(model, step_schedule(cfg), cfg.lr, device, bn_mode=cfg.bn_mode)
+        model = public_model(observed[0])
         label_sets = [self.labels_for(obs, threat, cfg, model) for obs in observed]
-        targets = {k: torch.stack([torch.from_numpy(np.asarray(obs.update[k], dtype=np.float32)) for obs in observed])
-                   for k in simulator.params}
-        problem = InversionProblem(simulator, targets, torch.from_numpy(np.stack([l for l, _ in label_sets])),
-                                   spec.image_shape, *first.normalization, num_classes=spec.num_classes,
-                                   aux=self.side_information(observed, simulator, threat))
-        engine_spec = replace(self.engine_spec(), update_scale=cfg.lr * len(simulator.schedule))
+        problem = inversion_problem(observed, cfg, [labels for labels, _ in label_sets], device, model)
+        problem.aux = self.side_information(observed, problem.simulator, threat)
+        engine_spec = replace(self.engine_spec(), update_scale=update_scale(cfg))
         result = self.search(engine_spec, problem, device, seed)
         setup = time.perf_counter() - t0 - result.seconds
         share = (result.seconds + setup) / len(observed)
@@ -160,6 +154,25 @@ class OptimizationAttack(Attack):
                                   **{k: float(v[i]) for k, v in result.update_fit.items()}})
             for i in range(len(observed))
         ]
+
+
+def update_scale(cfg: TrainConfig) -> float:
+    """lr x local steps: dividing updates by it compares them in gradient units."""
+    return cfg.lr * len(step_schedule(cfg))
+
+
+def inversion_problem(observed: list[ObservedUpdate], cfg: TrainConfig, labels: list[np.ndarray], device: str,
+                      model: torch.nn.Module | None = None) -> InversionProblem:
+    """The engine's problem for updates computed under one public model with one client config: the simulated
+    client (replaying ``cfg``), the observed updates as targets, and the labels the attack uses."""
+    first = observed[0]
+    spec = first.model
+    simulator = VictimSimulator(model if model is not None else public_model(first), step_schedule(cfg), cfg.lr,
+                                device, bn_mode=cfg.bn_mode)
+    targets = {k: torch.stack([torch.from_numpy(np.asarray(obs.update[k], dtype=np.float32)) for obs in observed])
+               for k in simulator.params}
+    return InversionProblem(simulator, targets, torch.from_numpy(np.stack(labels)), spec.image_shape,
+                            *first.normalization, num_classes=spec.num_classes)
 
 
 def analytic_features(observed: list[ObservedUpdate], simulator: VictimSimulator) -> torch.Tensor:

@@ -558,6 +558,19 @@ class InversionProblem:
         return self.labels.shape[1]
 
 
+@dataclass
+class JointProblem:
+    """Problems whose matching costs are summed, each part under its own public model: cross-round inversion (one
+    client's updates of several rounds, the same images) and GIML's meta-step (one generator, several tasks).
+    ``views[j]`` maps the names the space decodes for part j to the run's variables; a name shared by several
+    views is one variable (its gradient is the sum over parts). All parts have the same number of problems and
+    share the client's training config (one ``update_scale``). Images, labels and the update fit are read out
+    from part 0."""
+
+    parts: list[InversionProblem]
+    views: list[dict[str, str]]
+
+
 @dataclass(frozen=True)
 class GroupSpec:
     """Group consistency: every ``every`` iterations the restarts of a problem agree on a consensus image, the
@@ -659,6 +672,25 @@ def registered_consensus(x: torch.Tensor) -> torch.Tensor:
 
 CONSENSUS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"lazy": lazy_consensus,
                                                                  "registered": registered_consensus}
+
+
+@dataclass
+class _Part:
+    """One part of a (joint) problem inside a run: its executors, targets and the view onto the variables."""
+
+    view: dict[str, str]
+    step: Callable
+    score: Callable
+    labels: torch.Tensor
+    targets: Tensors
+    aux: Tensors
+    anchors: torch.Tensor
+
+    def local(self, variables: Tensors) -> Tensors:
+        """The variables under the names the space decodes for this part."""
+        if not self.view:
+            return variables
+        return {local: variables[name] for local, name in self.view.items()}
 
 
 class AttackEngine:
@@ -808,36 +840,51 @@ class AttackEngine:
 
         return (lambda *a: evaluate(*a, with_grad=True), lambda *a: evaluate(*a, with_grad=False)[1])
 
-    def run(self, problem: InversionProblem, space: SearchSpace | None = None,
+    def run(self, problem: InversionProblem | JointProblem, space: SearchSpace | None = None,
             start: Tensors | None = None) -> EngineResult:
         """Search ``space`` (default: the one ``spec.search_space`` names) for inputs whose simulated update matches
         ``problem``'s targets. ``start``: initial variables (each [P, R, ...]) instead of the space's init, so a
         multi-stage attack continues from an earlier run's result."""
         spec, dev = self.spec, self.device
-        P, R = problem.num_problems, spec.restarts
-        space = (space or self.default_space(problem)).to(dev)
+        joint = problem if isinstance(problem, JointProblem) else JointProblem([problem], [{}])
+        lead = joint.parts[0]
+        P, R = lead.num_problems, spec.restarts
+        space = (space or self.default_space(lead)).to(dev)
         generator = torch.Generator().manual_seed(self.seed)
         initial = start if start is not None else space.init(P, R, generator)
         variables = {k: v.detach().clone().to(dev).requires_grad_(True) for k, v in initial.items()}
-        labels = problem.labels.to(dev)
-        targets = {k: v.to(dev) / spec.update_scale for k, v in problem.targets.items()}
-        aux = {k: v.to(dev) for k, v in problem.aux.items()} or {"_": torch.zeros(P, device=dev)}
-        anchors = torch.zeros(P, R, problem.batch_size, *problem.image_shape, device=dev)
 
-        step_fn, score_fn = self._executors(problem, P * R, space)
-        searched = {k: v for k, v in variables.items() if k not in space.fixed}
+        parts = []
+        for part, view in zip(joint.parts, joint.views):
+            step_fn, score_fn = self._executors(part, P * R, space)
+            parts.append(_Part(view, step_fn, score_fn, part.labels.to(dev),
+                               {k: v.to(dev) / spec.update_scale for k, v in part.targets.items()},
+                               {k: v.to(dev) for k, v in part.aux.items()} or {"_": torch.zeros(P, device=dev)},
+                               torch.zeros(P, R, part.batch_size, *part.image_shape, device=dev)))
+        fixed = {view.get(k, k) for view in joint.views for k in space.fixed}
+        searched = {k: v for k, v in variables.items() if k not in fixed}
         optimizer = OPTIMIZERS[spec.optimizer.name](searched, spec.optimizer, spec.iterations)
 
         def closure():
             detached = {k: v.detach() for k, v in variables.items()}
-            return step_fn(detached, labels, targets, aux, anchors)
+            totals = matching = 0.0
+            grads: Tensors = {}
+            for part in parts:
+                total, match, local_grads = part.step(part.local(detached), part.labels, part.targets, part.aux,
+                                                      part.anchors)
+                totals, matching = totals + total, matching + match
+                for k, g in local_grads.items():
+                    key = part.view.get(k, k)
+                    grads[key] = grads[key] + g if key in grads else g
+            return totals, matching, grads
 
         trace: list[tuple[int, torch.Tensor]] = []
         t0 = time.perf_counter()
         for it in range(spec.iterations):
             if spec.group is not None and it >= spec.group.start and (it - spec.group.start) % spec.group.every == 0:
                 with torch.no_grad():
-                    anchors = CONSENSUS[spec.group.mode](space.inputs(variables, labels).detach())
+                    for part in parts:
+                        part.anchors = CONSENSUS[spec.group.mode](space.inputs(part.local(variables), part.labels))
             matching = optimizer.step(closure)
             with torch.no_grad():
                 space.project_(variables)
@@ -846,22 +893,24 @@ class AttackEngine:
 
         # Score the final candidates (the loop's losses lag one step behind the last update).
         final = {k: v.detach() for k, v in variables.items()}
-        matching = score_fn(final, labels, targets, aux, anchors)
+        matching = sum(part.score(part.local(final), part.labels, part.targets, part.aux, part.anchors)
+                       for part in parts)
         seconds = time.perf_counter() - t0
         scores = torch.where(torch.isfinite(matching), matching, torch.full_like(matching, math.inf))
         chosen = scores.argmin(dim=1)
         rows = torch.arange(P, device=dev)
+        first, labels, targets = parts[0].local(final), parts[0].labels, parts[0].targets
         with torch.no_grad():
-            all_images = space.unit_images(final, labels)
-        out_labels = space.labels_out(final, labels)[rows, chosen]
+            all_images = space.unit_images(first, labels)
+        out_labels = space.labels_out(first, labels)[rows, chosen]
         trace_rows = [(it, torch.nan_to_num(m, nan=math.inf).min(dim=1).values.cpu().tolist()) for it, m in trace]
         fits: dict[str, list[float]] = {}
         for p in range(P):
-            chosen_vars = {k: v[p, chosen[p]] for k, v in final.items()}
+            chosen_vars = {k: v[p, chosen[p]] for k, v in first.items()}
             with torch.enable_grad():
                 x, y = space.decode(chosen_vars, labels[p])
                 sim_update = {k: v.detach() / spec.update_scale
-                              for k, v in problem.simulator.update(x, y, functional=False).items()}
+                              for k, v in lead.simulator.update(x, y, functional=False).items()}
             for key, value in update_fit(sim_update, {k: v[p] for k, v in targets.items()}).items():
                 fits.setdefault(key, []).append(value)
         return EngineResult(images=all_images[rows, chosen].cpu(), labels=out_labels.cpu(),

@@ -11,6 +11,7 @@ Arrays are numpy so records pickle cheaply to Ray workers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -206,8 +207,9 @@ class Attack(Registered):
     def check(self, model: ModelSpec) -> None:
         """Raise ValueError (one line) if this attack cannot run on ``model``: called before any work starts."""
 
-    def end_round(self, server_round: int, *, device: str = "cpu", seed: int = 0) -> None:
-        """Called after the round's updates were attacked (e.g. meta-steps of a learnt prior)."""
+    def end_round(self, server_round: int, *, device: str = "cpu", seed: int = 0, folder: Path | None = None) -> None:
+        """Called after the round's updates were attacked (e.g. meta-steps of a learnt prior); ``folder`` is where
+        the pool keeps this attack's state, for artefacts such as sample grids (None when nothing is kept)."""
 
     def state_dict(self) -> dict:
         return {}

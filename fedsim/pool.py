@@ -22,6 +22,7 @@ Seeds. Workers get the attacker's root seed (fedsim.seeds), never the run seed t
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -37,6 +38,7 @@ from .seeds import attack_seed
 
 Outcome = Reconstruction | BaseException
 RecordFn = Callable[[ObservedUpdate, str, Outcome], object]
+log = logging.getLogger("fedsim")
 ROUND_FILE = re.compile(r"round_(\d+)\.pt$")
 
 
@@ -97,7 +99,13 @@ class AttackWorker:
         except Exception as err:  # noqa: BLE001 - a failing attack becomes error rows, the others still run
             out = [(i, attack.name, err) for i in range(len(observed))]
         if attack.state_scope != "none":
-            attack.end_round(server_round, device=self.device, seed=seed)
+            folder = self._state_folder(attack_index)
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+            try:
+                attack.end_round(server_round, device=self.device, seed=seed, folder=folder)
+            except Exception:  # noqa: BLE001 - the round's rows stand; the state stays as it was learnt so far
+                log.exception("%s: end of round %d failed", self.keys[attack_index], server_round)
             self._save(attack_index, server_round)
         return out
 

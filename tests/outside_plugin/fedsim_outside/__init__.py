@@ -51,7 +51,7 @@ class CountingAttack(Attack):
                                extra={"prior_round": last, "prior_meta_steps": seen_before, "seed": seed})
                 for o in observed]
 
-    def end_round(self, server_round, *, device="cpu", seed=0):
+    def end_round(self, server_round, *, device="cpu", seed=0, folder=None):
         self._state["rounds"].append(server_round)
 
     def state_dict(self):
