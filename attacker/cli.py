@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -16,7 +17,8 @@ def train(
     dataset: str = typer.Option(..., "--dataset", help="cifar10, cifar100, or a path (.npz or image folder)."),
     output: Path = typer.Option(..., "--output", help="Checkpoint to write (.pt); the sample grid goes beside it."),
     split: str = typer.Option("train", "--split", help="Split of a named data set."),
-    image_size: int = typer.Option(32, "--image-size", help="Image side for image folders (power of two)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize every image to this side (power of "
+                                             "two; default: as stored, 64 for image folders)."),
     epochs: int = typer.Option(20, "--epochs", min=1),
     batch_size: int = typer.Option(64, "--batch-size", min=2),
     lr: float = typer.Option(2e-4, "--lr", min=0.0),
@@ -42,7 +44,9 @@ def train(
             raise ValueError(f"--output {output}: expected a .pt file")
         if threads:
             torch.set_num_threads(threads)
-        data = load_dataset(dataset, split, image_size=image_size)
+        data = load_dataset(dataset, split, image_size=image_size or 64)
+        if image_size:
+            data = data.resized(image_size)
         size = data.shape[1]
         if size < 8 or size & (size - 1):
             raise ValueError(f"--dataset {data.name}: images are {size}x{size}; the DCGAN prior needs a power of two")

@@ -114,6 +114,11 @@ def attack(
     model: str = typer.Option("lenet_zhu", "--model", help="Victim architecture."),
     dataset: str = typer.Option("cifar10", "--dataset", help="cifar10, cifar100, or a path (.npz or image folder)."),
     split: str = typer.Option("test", "--split", help="Split of a named data set."),
+    annotations: Optional[Path] = typer.Option(None, "--annotations", help="ffhq: folder of <ffhq id>.json labels "
+                                               "(--dataset ffhq --data-path FOLDER)."),
+    data_path: Optional[Path] = typer.Option(None, "--data-path", help="Image folder of --dataset ffhq/imagefolder."),
+    attribute: str = typer.Option("gender", "--attribute", help="ffhq: the face attribute used as the label."),
+    image_size: int = typer.Option(64, "--image-size", help="Resize for image folders and ffhq."),
     indices: str = typer.Option("0-9", "--indices", help="Images to attack, e.g. 0-9 or 1,4,7."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Images per client update (consecutive)."),
     attack_name: str = typer.Option("inverting_gradients", "--attack", help="Attack name."),
@@ -169,7 +174,8 @@ def attack(
 
         defenses = [build_defense(_parse_defense(d)) for d in defense]
         threat = build_threat(defenses, labels=labels, label_method=label_method)
-        data = load_dataset(dataset, split)
+        data = load_dataset(dataset, split, path=data_path, annotations=annotations, attribute=attribute,
+                            image_size=image_size)
         job = SingleUpdateJob(data=data, model_name=model, indices=parse_indices(indices), batch_size=batch_size,
                               attack=attack_obj, train=client.train_config(), defenses=defenses, threat=threat,
                               width=width, checkpoint=str(trained) if trained else None, seed=seed, device=device)

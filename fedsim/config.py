@@ -47,11 +47,13 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    dataset: str = "cifar10"  # cifar10 | cifar100 | imagefolder | npz | a path to an .npz or a folder
+    dataset: str = "cifar10"  # cifar10 | cifar100 | imagefolder | npz | ffhq | a path to an .npz or a folder
     path: str | None = None  # explicit location (tried before FEDSIM_DATA_DIR and download)
+    annotations: str | None = None  # ffhq: the folder of ffhq-features-dataset json files (<ffhq id>.json)
+    attribute: str = "gender"  # ffhq: the categorical face attribute used as the label
     test_path: str | None = None  # held-out split for npz/imagefolder sources (else test_fraction of the data)
     test_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
-    image_size: int = Field(default=32, ge=8)  # resize for image folders
+    image_size: int = Field(default=32, ge=8)  # resize for image folders and ffhq
     partition: Literal["iid", "dirichlet"] = "iid"
     alpha: float = Field(default=0.5, gt=0.0)  # Dirichlet concentration (smaller: more label skew)
     test_samples: int = Field(default=500, ge=0)  # held-out images for the global accuracy (0: all)

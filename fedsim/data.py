@@ -65,6 +65,17 @@ class ImageData:
         return ImageData(self.images[idx], None if self.labels is None else self.labels[idx], self.num_classes,
                          self.mean, self.std, self.name, self.source)
 
+    def resized(self, size: int) -> "ImageData":
+        """The same images at ``size`` x ``size`` (centre square crop, bicubic), e.g. 64x64 ImageNet for a 32x32
+        prior."""
+        from PIL import Image
+
+        if self.shape[1:] == (size, size):
+            return self
+        images = np.stack([np.asarray(_square(Image.fromarray(img), size)) for img in self.images])
+        return ImageData(images, self.labels, self.num_classes, self.mean, self.std, self.name, self.source,
+                         self.extras)
+
     def unit_tensor(self, indices: np.ndarray | list[int]) -> torch.Tensor:
         """Images at ``indices`` as float (N, C, H, W) in [0, 1]."""
         batch = self.images[np.asarray(indices, dtype=np.int64)]
@@ -131,14 +142,70 @@ def read_image_folder(root: Path, image_size: int, name: str = "") -> ImageData:
     images = np.empty((len(entries), image_size, image_size, 3), dtype=np.uint8)
     for i, (path, _) in enumerate(entries):
         with Image.open(path) as img:
-            img = img.convert("RGB")
-            side = min(img.size)
-            left, top = (img.width - side) // 2, (img.height - side) // 2
-            img = img.crop((left, top, left + side, top + side)).resize((image_size, image_size), Image.BICUBIC)
-            images[i] = np.asarray(img)
+            images[i] = np.asarray(_square(img.convert("RGB"), image_size))
     labels = np.array([lbl for _, lbl in entries], dtype=np.int64) if classes else None
     mean, std = NORMALIZATION["imagenet"]
     return ImageData(images, labels, max(len(classes), 1), mean, std, name or root.name, str(root))
+
+
+def read_ffhq(root: Path, annotations: Path, attribute: str = "gender", image_size: int = 64) -> ImageData:
+    """FFHQ faces (``<ffhq id>.png`` anywhere below ``root``) labelled by an attribute of the ffhq-features-dataset
+    annotations (``annotations/<ffhq id>.json``, ``[0].faceAttributes.<attribute>``, e.g. gender or glasses).
+    Classes are the attribute's values in sorted order (gender: female 0, male 1). A face without an annotation
+    (no file, or no face found in it) is reported and skipped, never guessed."""
+    import json
+    import logging
+
+    from PIL import Image
+
+    root, annotations = Path(root), Path(annotations)
+    if not root.is_dir():
+        raise DataError(f"ffhq image folder not found: {root}")
+    if not annotations.is_dir():
+        raise DataError(f"ffhq annotation folder not found: {annotations}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
+    if not files:
+        raise DataError(f"ffhq image folder {root} holds no images")
+    kept, values, skipped = [], [], []
+    for path in files:
+        note = annotations / f"{path.stem}.json"
+        try:
+            faces = json.loads(note.read_text()) if note.is_file() else []
+            value = faces[0]["faceAttributes"][attribute] if faces else None
+        except (ValueError, KeyError, IndexError, TypeError) as err:
+            raise DataError(f"{note}: no faceAttributes.{attribute} ({type(err).__name__}: {err})") from None
+        if value is None:
+            skipped.append(path.stem)
+            continue
+        if not isinstance(value, str):
+            raise DataError(f"ffhq attribute {attribute!r} is numeric ({value!r} in {note}); use a categorical one "
+                            "such as gender or glasses")
+        kept.append(path)
+        values.append(value)
+    if skipped:
+        logging.getLogger("fedsim").warning("ffhq: %d faces without an annotation skipped: %s", len(skipped),
+                                            ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
+    if not kept:
+        raise DataError(f"no face in {root} has an annotation in {annotations}")
+    names = sorted(set(values))
+    images = np.empty((len(kept), image_size, image_size, 3), dtype=np.uint8)
+    for i, path in enumerate(kept):
+        with Image.open(path) as img:
+            images[i] = np.asarray(_square(img.convert("RGB"), image_size))
+    labels = np.array([names.index(v) for v in values], dtype=np.int64)
+    mean, std = _stats(images)
+    return ImageData(images, labels, len(names), mean, std, "ffhq", str(root),
+                     {"ffhq_ids": np.array([p.stem for p in kept]), "class_names": np.array(names),
+                      "skipped": np.array(skipped)})
+
+
+def _square(img, size: int):
+    """Centre square crop, bicubic resize (PIL image)."""
+    from PIL import Image
+
+    side = min(img.size)
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    return img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
 
 
 def _stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -177,12 +244,19 @@ def load_dataset(
     path: str | Path | None = None,
     image_size: int = 64,
     download_root: str | Path | None = None,
+    annotations: str | Path | None = None,
+    attribute: str = "gender",
 ) -> ImageData:
-    """Load a data set split by name (``cifar10``, ``cifar100``, ``imagefolder``, ``npz``) or by path.
+    """Load a data set split by name (``cifar10``, ``cifar100``, ``imagefolder``, ``npz``, ``ffhq``) or by path.
 
     ``dataset`` may itself be a path to an ``.npz`` file or an image folder. For CIFAR the explicit ``path`` is
-    tried first, then ``$FEDSIM_DATA_DIR``, then torchvision's download into ``download_root``.
+    tried first, then ``$FEDSIM_DATA_DIR``, then torchvision's download into ``download_root``. ``ffhq`` reads the
+    image folder ``path`` with labels from the json ``annotations`` (see :func:`read_ffhq`).
     """
+    if dataset == "ffhq":
+        if not path or not annotations:
+            raise DataError("data set 'ffhq' needs data.path (the images) and data.annotations (the json files)")
+        return read_ffhq(Path(path).expanduser(), Path(annotations).expanduser(), attribute, image_size)
     as_path = Path(dataset).expanduser()
     if dataset.endswith(".npz") or as_path.exists():
         return _load_path(as_path, image_size)
@@ -191,7 +265,7 @@ def load_dataset(
             raise DataError(f"data set {dataset!r} needs data.path")
         return _load_path(Path(path).expanduser(), image_size)
     if dataset not in _TV_FOLDER:
-        raise DataError(f"unknown data set {dataset!r}; use cifar10, cifar100, imagefolder, npz or a path")
+        raise DataError(f"unknown data set {dataset!r}; use cifar10, cifar100, imagefolder, npz, ffhq or a path")
 
     tried: list[str] = []
     folders: list[Path] = []

@@ -58,9 +58,12 @@ class DataPlan:
     test_fraction: float
     seed: int
     data_dir: str | None  # FEDSIM_DATA_DIR as seen by the driver
+    annotations: str | None = None  # ffhq labels
+    attribute: str = "gender"
 
     def train_source(self) -> ImageData:
-        return _load(self.dataset, "train", self.path, self.image_size, self.data_dir)
+        return _load(self.dataset, "train", self.path, self.image_size, self.data_dir, self.annotations,
+                     self.attribute)
 
     def test_source(self) -> ImageData | None:
         """A separate held-out split if the source has one, else None (then a fraction is split off)."""
@@ -78,10 +81,12 @@ class DataPlan:
 
 
 @lru_cache(maxsize=4)
-def _load(dataset: str, split: str, path: str | None, image_size: int, data_dir: str | None) -> ImageData:
+def _load(dataset: str, split: str, path: str | None, image_size: int, data_dir: str | None,
+          annotations: str | None = None, attribute: str = "gender") -> ImageData:
     if data_dir and not os.environ.get("FEDSIM_DATA_DIR"):
         os.environ["FEDSIM_DATA_DIR"] = data_dir
-    return load_dataset(dataset, split, path=path, image_size=image_size)
+    return load_dataset(dataset, split, path=path, image_size=image_size, annotations=annotations,
+                        attribute=attribute)
 
 
 @dataclass
@@ -104,7 +109,7 @@ def prepare(cfg: ExperimentConfig) -> Federation:
 
     dataset = absolute(d.dataset) if Path(d.dataset).expanduser().exists() else d.dataset
     plan = DataPlan(dataset, absolute(d.path), absolute(d.test_path), d.image_size, d.test_fraction, cfg.seed,
-                    absolute(os.environ.get("FEDSIM_DATA_DIR")))
+                    absolute(os.environ.get("FEDSIM_DATA_DIR")), absolute(d.annotations), d.attribute)
     train = plan.train_source()
     if train.labels is None:
         raise ValueError(f"data.dataset: {train.name} has no labels; victims are classifiers")

@@ -59,3 +59,28 @@ def test_partitions_are_disjoint_complete_and_seeded():
 def test_shared_cifar_fixture_loads_in_official_order(cifar_test):
     assert cifar_test.images.shape == (200, 32, 32, 3)
     assert cifar_test.labels[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
+
+
+def test_ffhq_folder_with_feature_annotations(tmp_path, data_dir, caplog):
+    """FFHQ images labelled by the ffhq-features-dataset json files; a face without an annotation is skipped."""
+    from PIL import Image
+
+    sample = np.load(data_dir / "ffhq64_sample_16.npz")
+    folder = tmp_path / "ffhq" / "00000"  # FFHQ's own layout: thousands-folders of <id>.png
+    folder.mkdir(parents=True)
+    for image, fid in zip(sample["images"], sample["ffhq_ids"]):
+        Image.fromarray(image).save(folder / f"{fid}.png")
+    Image.fromarray(sample["images"][0]).save(folder / "99999.png")  # no annotation for this one
+    with caplog.at_level("WARNING", logger="fedsim"):
+        data = load_dataset("ffhq", path=tmp_path / "ffhq", annotations=data_dir / "ffhq_features_json", image_size=64)
+    assert len(data) == 16 and data.shape == (3, 64, 64) and data.num_classes == 2
+    assert list(data.extras["class_names"]) == ["female", "male"] and list(data.extras["skipped"]) == ["99999"]
+    assert "1 faces without an annotation skipped: 99999" in caplog.text
+    truth = dict(zip(sample["ffhq_ids"], sample["labels"]))
+    assert [truth[i] for i in data.extras["ffhq_ids"]] == data.labels.tolist()
+    assert np.array_equal(data.images[list(data.extras["ffhq_ids"]).index("00005")],
+                          sample["images"][list(sample["ffhq_ids"]).index("00005")])  # PNG round trip, same size
+    with pytest.raises(DataError, match="numeric"):
+        load_dataset("ffhq", path=tmp_path / "ffhq", annotations=data_dir / "ffhq_features_json", attribute="age")
+    with pytest.raises(DataError, match="needs data.path"):
+        load_dataset("ffhq")
