@@ -41,7 +41,8 @@ def attacker_train_config(observed: ObservedUpdate, threat: ThreatModel) -> Trai
 def public_model(observed: ObservedUpdate) -> torch.nn.Module:
     """The model the server sent this round, rebuilt from the public architecture and weights."""
     spec = observed.model
-    model = build_model(spec.name, spec.num_classes, image_size=spec.image_shape[1], width=spec.width)
+    model = build_model(spec.name, spec.num_classes, image_size=spec.image_shape[1], width=spec.width,
+                        activation=spec.activation)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in observed.global_state.items()}, strict=False)
     return model
 

@@ -142,3 +142,67 @@ def load_prior(path: str | Path, image_size: int | None = None, channels: int | 
     module = build_generator(payload["generator"], size, chans, **payload.get("params", {}))
     module.load_state_dict(payload["state_dict"])
     return module.eval(), {k: v for k, v in payload.items() if k != "state_dict"}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CI-Net (Zhang et al., ICCV 2023): an over-parameterised generator built per attack
+
+
+class SpectralConv2d(nn.Conv2d):
+    """A 3x3 convolution whose weight is divided by its exact spectral norm (largest singular value of the weight
+    as a matrix) at every forward. The reference uses torch's power-iteration estimate with a persistent vector
+    (one step per forward); the exact norm is what that estimate converges to, and it keeps the module functional
+    (no in-place buffer updates), so copies of it can be vmapped."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sigma = torch.linalg.matrix_norm(self.weight.flatten(1), ord=2)
+        return self._conv_forward(x, self.weight / sigma, self.bias)
+
+
+def _ci_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(SpectralConv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.1),
+                         SpectralConv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.1))
+
+
+class CINetGenerator(nn.Module):
+    """CI-Net's generator: a transposed convolution from the code (128) to 4x4, then blocks of two spectrally
+    normalised 3x3 convolutions with BatchNorm and LeakyReLU(0.1) at 4x4 and after every nearest-neighbour x2
+    upsampling, width ``width`` up to 32x32 (halved at 64, quartered from 128), a 1x1 to-RGB and tanh."""
+
+    def __init__(self, image_size: int = 32, channels: int = 3, nz: int = 128, width: int = 256) -> None:
+        super().__init__()
+        if image_size < 32 or image_size & (image_size - 1):
+            raise ValueError(f"cinet needs a power-of-two image size >= 32, not {image_size}")
+        self.latent_shape = (nz,)
+        self.input = nn.Sequential(nn.ConvTranspose2d(nz, width, 4, 1, 0), nn.BatchNorm2d(width), nn.LeakyReLU(0.1))
+        widths = {4: width, 8: width, 16: width, 32: width, 64: width // 2, 128: width // 4, 256: width // 4}
+        blocks, cin, side = [_ci_block(width, width)], width, 4
+        while side < image_size:
+            side *= 2
+            cout = widths.get(side, width // 4)
+            blocks.append(_ci_block(cin, cout))
+            cin = cout
+        self.blocks = nn.ModuleList(blocks)
+        self.to_rgb = nn.Conv2d(cin, channels, 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.blocks[0](self.input(z.reshape(z.shape[0], -1, 1, 1)))
+        for block in self.blocks[1:]:
+            out = block(nn.functional.interpolate(out, scale_factor=2, mode="nearest"))
+        return torch.tanh(self.to_rgb(out))
+
+
+@register(GENERATORS, "cinet")
+def cinet(image_size: int = 32, channels: int = 3, nz: int = 128, width: int = 256) -> nn.Module:
+    return CINetGenerator(image_size, channels, nz, width)
+
+
+def cinet_width(batch_size: int, image_size: int, channels: int = 3, factor: float = 4.0, start: int = 32,
+                nz: int = 128) -> int:
+    """CI-Net's over-parameterisation rule: double the width from ``start`` while the generator has at most
+    ``factor x batch x H x W`` parameters, so the chosen generator is the first with more."""
+    bound = factor * batch_size * image_size * image_size
+    width = start
+    while sum(p.numel() for p in CINetGenerator(image_size, channels, nz, width).parameters()) <= bound:
+        width *= 2
+    return width

@@ -22,7 +22,7 @@ from fedsim.registry import register
 from .attacks import OptimizationAttack, bn_targets
 from .engine import (REGULARIZERS, AttackEngine, CandidateContext, EngineResult, EngineSpec, InversionProblem,
                      OptimizerSpec, SearchSpace, Tensors)
-from .generators import build_generator, load_prior
+from .generators import build_generator, cinet_width, load_prior
 
 WEIGHT = "w:"  # prefix of generator-weight variables
 
@@ -271,6 +271,37 @@ class LatentThenWeightSearch(GenerativeAttack):
         return combine(first, second)
 
 
+class CINet(GenerativeAttack):
+    """CI-Net (Zhang et al. 2023): a fresh over-parameterised generator per attacked batch (width by
+    :func:`~attacker.generators.cinet_width`), one fixed random code (128) per image, the generator's BatchNorm on
+    batch statistics, Adam on sign-only gradients at lr 1e-3 without decay, 1 - cosine over all layers, no TV."""
+
+    name: ClassVar[str] = "ci_net"
+    generator: str = "cinet"
+    generator_bn: Literal["eval", "train"] = "train"
+    iterations: int = Field(default=2000, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    signed: bool = True
+    tv: float = Field(default=0.0, ge=0)
+    width_factor: float = Field(default=4.0, gt=0)
+    start_width: int = Field(default=32, ge=1)
+
+    def check(self, model) -> None:
+        if self.prior:
+            raise ValueError("ci_net builds its generator per attack; it takes no prior checkpoint")
+
+    def engine_spec(self) -> EngineSpec:
+        return replace(super().engine_spec(), optimizer=OptimizerSpec(
+            name="signed_adam" if self.signed else "adam", lr=self.lr, decay_milestones=()))
+
+    def search(self, spec, problem, device, seed):
+        channels, size = problem.image_shape[0], problem.image_shape[1]
+        width = cinet_width(problem.batch_size, size, channels, self.width_factor, self.start_width)
+        generator = build_generator(self.generator, size, channels, seed=seed, width=width, **self.generator_params)
+        space = WeightSpace(problem, generator, self.generator_bn, per_image=False)
+        return AttackEngine(spec, device=device, seed=seed).run(problem, space)
+
+
 def combine(first: EngineResult, second: EngineResult) -> EngineResult:
     """One result for two engine runs in sequence (the second's reconstruction, both stages' cost and trace)."""
     trace = first.trace + [(first.iterations + it, losses) for it, losses in second.trace]
@@ -279,4 +310,5 @@ def combine(first: EngineResult, second: EngineResult) -> EngineResult:
                    evaluations=first.evaluations + second.evaluations)
 
 
-__all__ = ["LatentSpace", "WeightSpace", "LatentSearch", "WeightSearch", "LatentThenWeightSearch", "combine"]
+__all__ = ["LatentSpace", "WeightSpace", "LatentSearch", "WeightSearch", "LatentThenWeightSearch", "CINet",
+           "combine"]

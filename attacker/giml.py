@@ -189,7 +189,8 @@ class GIML(GenerativeAttack):
         model = tasks and self._tasks[0][0].model
         return {"prior": {k: v.detach().cpu() for k, v in self._prior.state_dict().items()}, "meta": dict(self._meta),
                 "counts": dict(self._counts), "tasks": tasks,
-                "model": [model.name, model.num_classes, *model.image_shape, model.width] if model else [],
+                "model": [model.name, model.num_classes, *model.image_shape, model.width, model.activation]
+                if model else [],
                 "normalization": [list(v) for v in self._tasks[0][0].normalization] if self._tasks else []}
 
     def load_state_dict(self, state: dict) -> None:
@@ -203,8 +204,8 @@ class GIML(GenerativeAttack):
         self._counts = {k: int(v) for k, v in state["counts"].items()}
         self._tasks = []
         if state["tasks"]:
-            name, classes, c, h, w, width = state["model"]
-            spec = ModelSpec(name, int(classes), (int(c), int(h), int(w)), int(width))
+            name, classes, c, h, w, width, activation = state["model"]
+            spec = ModelSpec(name, int(classes), (int(c), int(h), int(w)), int(width), activation)
             normalization = tuple(tuple(float(x) for x in v) for v in state["normalization"])
             for t in state["tasks"]:
                 obs = ObservedUpdate(round=int(t["round"]), client_id=int(t["client"]), model=spec,

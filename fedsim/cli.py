@@ -131,6 +131,8 @@ def attack(
     prior: Optional[Path] = typer.Option(None, "--prior", help="Generator checkpoint for generative attacks "
                                          "(from `fedsim prior train`)."),
     width: int = typer.Option(64, "--width", help="convnet/resnet18 width."),
+    activation: str = typer.Option("default", "--activation", help="default, or sigmoid (the victim's ReLUs "
+                                   "become Sigmoids, as CI-Net's notebooks)."),
     defense: list[str] = typer.Option([], "--defense", help="NAME:k=v,... applied by the client (repeatable)."),
     mode: str = typer.Option("fedsgd", "--mode", help="fedsgd or fedavg."),
     lr: float = typer.Option(0.1, "--lr", help="Client learning rate."),
@@ -178,7 +180,8 @@ def attack(
                             image_size=image_size)
         job = SingleUpdateJob(data=data, model_name=model, indices=parse_indices(indices), batch_size=batch_size,
                               attack=attack_obj, train=client.train_config(), defenses=defenses, threat=threat,
-                              width=width, checkpoint=str(trained) if trained else None, seed=seed, device=device)
+                              width=width, checkpoint=str(trained) if trained else None, seed=seed, device=device,
+                              activation=activation)
         rows = run_single(job, output)
     except _user_errors() as err:
         fail(_one_line(err))

@@ -74,6 +74,7 @@ class FederationConfig(Section):
 class ModelConfig(Section):
     name: Annotated[str, registered(lambda: MODELS, "model")] = "lenet_zhu"
     width: int = Field(default=64, ge=1)  # convnet / resnet18 base width
+    activation: Literal["default", "sigmoid"] = "default"  # sigmoid: the victim's ReLUs become Sigmoids
     checkpoint: str | None = None  # a state dict saved by `fedsim train-victim` (loaded with weights_only=True)
 
 

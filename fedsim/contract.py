@@ -28,6 +28,7 @@ class ModelSpec:
     num_classes: int
     image_shape: tuple[int, int, int]  # (C, H, W)
     width: int = 64
+    activation: str = "default"  # "sigmoid": the victim's ReLUs are Sigmoids (fedsim.models.use_sigmoid)
 
 
 @dataclass(frozen=True)

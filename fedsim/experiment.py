@@ -39,6 +39,7 @@ class VictimTraining(Strict):
 class Victim(Strict):
     model: str = "lenet_zhu"
     width: int = 64
+    activation: Literal["default", "sigmoid"] = "default"
     checkpoint: str | None = None
     train: VictimTraining | None = None  # train on the data set's training split before attacking
 
@@ -101,7 +102,7 @@ def _victim_checkpoint(exp: Experiment, key: str, victim: Victim, out: Path, log
         test = load_dataset(exp.dataset, "test")
         result = train_centrally(victim.model, train, test, epochs=victim.train.epochs,
                                  batch_size=victim.train.batch_size, lr=victim.train.lr, width=victim.width,
-                                 seed=exp.seed, output=path, log=lambda *_: None)
+                                 seed=exp.seed, output=path, log=lambda *_: None, activation=victim.activation)
         (out / f"victim-{key}.txt").write_text(
             f"train accuracy {result['train_accuracy']:.4f}, test accuracy {result['test_accuracy']:.4f}\n")
         log(f"trained victim {key}: {result}")
@@ -144,7 +145,7 @@ def run_experiment_file(path: Path, overrides: list[str] | None = None, only: li
             data=data, model_name=victim.model, indices=case_indices, batch_size=case.batch_size,
             attack=build_attack(case.attack), train=case.client.train_config(),
             defenses=defenses, threat=build_threat(defenses, labels=case.labels, label_method=case.label_method),
-            width=victim.width, checkpoint=checkpoint, seed=exp.seed, device=device)
+            width=victim.width, checkpoint=checkpoint, seed=exp.seed, device=device, activation=victim.activation)
         t0 = time.perf_counter()
         rows = run_single(job, case_dir)
         frame = pd.DataFrame([r.__dict__ for r in rows]).assign(case=case.name, paper=case.paper,

@@ -128,7 +128,7 @@ def prepare(cfg: ExperimentConfig) -> Federation:
         raise ValueError(f"client.num_samples={need} exceeds the partition size of clients {small[:5]}")
     n_test = len(test) if d.test_samples == 0 else min(d.test_samples, len(test))
     idx = np.arange(n_test)
-    spec = ModelSpec(cfg.model.name, train.num_classes, train.shape, cfg.model.width)
+    spec = ModelSpec(cfg.model.name, train.num_classes, train.shape, cfg.model.width, cfg.model.activation)
     for i, attack in enumerate(cfg.attacks):
         try:
             build_attack(attack).check(spec)
@@ -148,6 +148,7 @@ class ClientPlan:
 
     model_name: str
     width: int
+    activation: str
     seed: int
     threads: int
     data: DataPlan
@@ -160,13 +161,14 @@ def _client_process_state(plan: ClientPlan) -> tuple[ImageData, torch.nn.Module,
     """Per actor process: the training source, a model instance and the defenses, built once and reused."""
     torch.set_num_threads(plan.threads)  # one actor per CPU: avoid oversubscription
     data = plan.data.train_source()
-    model = build_model(plan.model_name, data.num_classes, image_size=data.shape[1], width=plan.width, seed=plan.seed)
+    model = build_model(plan.model_name, data.num_classes, image_size=data.shape[1], width=plan.width, seed=plan.seed,
+                        activation=plan.activation)
     return data, model, [build_defense(dict(spec)) for spec in plan.defenses]
 
 
 def make_client_app(cfg: ExperimentConfig, data_plan: DataPlan, partitions: list[np.ndarray]) -> ClientApp:
     app = ClientApp()
-    plan = ClientPlan(cfg.model.name, cfg.model.width, cfg.seed, max(1, int(cfg.ray.client_cpus)), data_plan,
+    plan = ClientPlan(cfg.model.name, cfg.model.width, cfg.model.activation, cfg.seed, max(1, int(cfg.ray.client_cpus)), data_plan,
                       tuple(tuple(sorted(d.items())) for d in cfg.defenses), cfg.threat.labels == "known")
     threat = ThreatModel(labels="known" if plan.share_labels else "recovered")
 
@@ -259,7 +261,8 @@ def _server_main(grid: Grid, session: Session) -> None:
     nodes = _wait_for_nodes(grid, cfg.federation.num_clients)
     partition_of = _partition_map(grid, nodes)
     model = build_model(cfg.model.name, fed.spec.num_classes, image_size=fed.spec.image_shape[1],
-                        width=cfg.model.width, seed=cfg.seed, checkpoint=cfg.model.checkpoint)
+                        width=cfg.model.width, seed=cfg.seed, checkpoint=cfg.model.checkpoint,
+                        activation=cfg.model.activation)
     initial = float_state(model)
 
     flwr_log = logging.getLogger("flwr")

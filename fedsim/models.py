@@ -137,6 +137,25 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class TwoConv(nn.Module):
+    """A small CNN (CI-Net's small victim): two 5x5 convolutions (64, 128 channels) with ReLU and 2x2 max-pooling,
+    one linear classifier; 0.29M parameters at 32x32."""
+
+    def __init__(self, num_classes: int = 10, channels: int = 3, image_size: int = 32, width: int = 64) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(channels, width, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(width, 2 * width, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2))
+        self.fc = nn.Linear(2 * width * (image_size // 4) ** 2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).flatten(1))
+
+
+@register_model("cnn2")
+def cnn2(num_classes: int, channels: int = 3, image_size: int = 32, width: int = 64, **_: object) -> nn.Module:
+    return TwoConv(num_classes=num_classes, channels=channels, image_size=image_size, width=width)
+
+
 @register_model("mlp")
 def mlp(num_classes: int, channels: int = 3, image_size: int = 32, width: int = 1024, **_: object) -> nn.Module:
     return MLP(num_classes=num_classes, channels=channels, image_size=image_size, width=width)
@@ -162,6 +181,19 @@ def resnet20_4(num_classes: int, channels: int = 3, **_: object) -> nn.Module:
     return CifarResNet([3, 3, 3], base_width=16 * 4, num_classes=num_classes, channels=channels)
 
 
+ACTIVATIONS = ("default", "sigmoid")
+
+
+def use_sigmoid(model: nn.Module) -> nn.Module:
+    """Swap every ReLU module for a Sigmoid (CI-Net's reference notebooks attack such victims: smooth activations
+    make inversion easier)."""
+    for parent in list(model.modules()):
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.ReLU):
+                setattr(parent, child_name, nn.Sigmoid())
+    return model
+
+
 def build_model(
     name: str,
     num_classes: int,
@@ -170,12 +202,18 @@ def build_model(
     width: int = 64,
     seed: int = 0,
     checkpoint: str | Path | None = None,
+    activation: str = "default",
 ) -> nn.Module:
-    """Build a registered victim with seeded init, optionally loading a checkpoint (tensors only)."""
+    """Build a registered victim with seeded init, optionally loading a checkpoint (tensors only).
+    ``activation="sigmoid"`` swaps its ReLUs for Sigmoids."""
     factory = lookup(MODELS, name, "model")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; use one of {ACTIVATIONS}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = factory(num_classes=num_classes, image_size=image_size, width=width)
+    if activation == "sigmoid":
+        use_sigmoid(model)
     if checkpoint:
         path = Path(checkpoint)
         if not path.is_file():

@@ -54,6 +54,7 @@ class SingleUpdateJob:
     checkpoint: str | None = None
     seed: int = 0
     device: str = "cpu"
+    activation: str = "default"
 
 
 def run_single(job: SingleUpdateJob, output: Path) -> list[LeakageRecord]:
@@ -64,8 +65,8 @@ def run_single(job: SingleUpdateJob, output: Path) -> list[LeakageRecord]:
     if data.labels is None:
         raise ValueError(f"{data.name} has no labels; the victims are classifiers")
     model = build_model(job.model_name, data.num_classes, image_size=data.shape[1], width=job.width,
-                        seed=job.seed, checkpoint=job.checkpoint)
-    spec = ModelSpec(job.model_name, data.num_classes, data.shape, job.width)
+                        seed=job.seed, checkpoint=job.checkpoint, activation=job.activation)
+    spec = ModelSpec(job.model_name, data.num_classes, data.shape, job.width, job.activation)
     job.attack.check(spec)
     global_state = float_state(model)
     global_np = {k: v.numpy() for k, v in global_state.items()}

@@ -26,11 +26,12 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def train_centrally(model_name: str, train: ImageData, test: ImageData | None, *, epochs: int, batch_size: int,
                     lr: float, width: int = 64, seed: int = 0, output: Path | None = None,
-                    log: Callable[[str], None] = print) -> dict:
+                    log: Callable[[str], None] = print, activation: str = "default") -> dict:
     if train.labels is None:
         raise ValueError(f"--dataset {train.name} has no labels")
     torch.manual_seed(seed)
-    model = build_model(model_name, train.num_classes, image_size=train.shape[1], width=width, seed=seed)
+    model = build_model(model_name, train.num_classes, image_size=train.shape[1], width=width, seed=seed,
+                        activation=activation)
     inputs = train.model_input(np.arange(len(train)))
     labels = train.label_tensor(np.arange(len(train)))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)

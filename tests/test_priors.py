@@ -148,3 +148,33 @@ def pd_read(folder):
     import pandas as pd
 
     return pd.read_parquet(folder / "leakage.parquet")
+
+
+def test_cinet_width_rule_matches_the_reference_over_parameterisation():
+    from attacker.generators import CINetGenerator, cinet_width
+
+    def count(width, size=32):
+        return sum(p.numel() for p in CINetGenerator(size, 3, 128, width).parameters())
+
+    assert count(32) == 140_227  # transposed conv to 4x4 + 4 blocks of two 3x3 convolutions at width 32 + to-RGB
+    for batch, size, factor in ((1, 32, 4.0), (64, 32, 4.0), (16, 32, 40.0), (4, 64, 4.0)):
+        width = cinet_width(batch, size, factor=factor)
+        bound = factor * batch * size * size
+        assert count(width, size) > bound  # over-parameterised ...
+        assert width == 32 or count(width // 2, size) <= bound  # ... by the first doubling that exceeds the bound
+    assert cinet_width(64, 32) == 64 and cinet_width(16, 32, factor=40.0) == 128
+
+
+def test_cinet_recovers_a_batch_from_a_sigmoid_victim(cifar_test):
+    from fedsim.config import build_threat
+
+    results = {}
+    for name in ("ci_net", "inverting_gradients"):
+        job = SingleUpdateJob(cifar_test, "cnn2", [0, 1], 2, build_attack({"name": name, "iterations": 100}),
+                              TrainConfig(lr=0.1, batch_size=2, num_samples=2), threat=build_threat([], labels="known"),
+                              activation="sigmoid")
+        (row,) = run_single(job, pathlib.Path(tempfile.mkdtemp()))
+        assert row.status == "ok", row.error
+        results[name] = row
+    assert results["ci_net"].psnr_mean > 25.0 and results["ci_net"].ssim_mean > 0.85, results["ci_net"]
+    assert results["ci_net"].psnr_mean > results["inverting_gradients"].psnr_mean + 8.0
