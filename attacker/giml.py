@@ -21,12 +21,12 @@ import torch
 from pydantic import Field, PrivateAttr
 from torch import nn
 
-from fedsim.contract import ATTACKS, ModelSpec, ObservedUpdate
-from fedsim.training import TrainConfig
+from fedsim.contract import ATTACKS
 
 from .attacks import attacker_labels, attacker_train_config, inversion_problem, public_model, update_scale
 from .engine import AttackEngine, EngineSpec, JointProblem, OptimizerSpec
 from .generators import build_generator, load_prior, save_prior
+from .history import Kept, pack, unpack
 from .gias import WEIGHT, GenerativeAttack, LatentSpace, WeightSpace
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class GIML(GenerativeAttack):
 
     _prior: nn.Module | None = PrivateAttr(default=None)
     _meta: dict = PrivateAttr(default_factory=dict)  # how to rebuild the prior: generator, params, size, channels
-    _tasks: list = PrivateAttr(default_factory=list)  # (ObservedUpdate, labels)
+    _tasks: list = PrivateAttr(default_factory=list)  # Kept: observed update, labels, client config
     _counts: dict = PrivateAttr(default_factory=lambda: {"meta_steps": 0, "prior_round": 0})
 
     # -- the prior -------------------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ class GIML(GenerativeAttack):
             rec.extra.update(prior_round=self._counts["prior_round"], prior_meta_steps=self._counts["meta_steps"])
             cfg = attacker_train_config(obs, threat)
             labels, _ = attacker_labels(obs, threat, cfg, public_model(obs))
-            self._tasks.append((obs, np.asarray(labels), cfg))
+            self._tasks.append(Kept(obs, np.asarray(labels), cfg))
         self._tasks = self._tasks[-self.buffer_size:]
         return recs
 
@@ -118,8 +118,8 @@ class GIML(GenerativeAttack):
         if folder is not None:
             self.save_artefacts(Path(folder), server_round)
 
-    def meta_step(self, tasks: list, device: str, seed: int) -> None:
-        """One step of Algorithm 2 on ``tasks`` ((observed, labels, config) each)."""
+    def meta_step(self, tasks: list[Kept], device: str, seed: int) -> None:
+        """One step of Algorithm 2 on ``tasks``."""
         self.meta_update(self.adapt(tasks, device, seed))
 
     def meta_update(self, adapted: dict[str, torch.Tensor]) -> None:
@@ -128,28 +128,27 @@ class GIML(GenerativeAttack):
             for name, param in self._prior.named_parameters():
                 param.mul_(1 - self.meta_lr).add_(adapted[name].to(param), alpha=self.meta_lr)
 
-    def adapt(self, tasks: list, device: str, seed: int) -> dict[str, torch.Tensor]:
+    def adapt(self, tasks: list[Kept], device: str, seed: int) -> dict[str, torch.Tensor]:
         """The prior's weights adapted to ``tasks``: latent search per task, then tau weight-search steps on the
         sum of their matching costs. Returns name -> adapted weight."""
         prior = self._prior
-        cfg = tasks[0][2]
-        scale = update_scale(cfg)
+        scale = update_scale(tasks[0].config)
         # 1. regularised latent search per task, the prior fixed; tasks of one round share a public model: batched
         latents: dict[int, torch.Tensor] = {}
         problems: dict[int, object] = {}
         by_round: dict[tuple, list[int]] = {}
-        for j, (obs, _, task_cfg) in enumerate(tasks):
-            by_round.setdefault((obs.round, obs.num_examples, task_cfg), []).append(j)
+        for j, task in enumerate(tasks):
+            by_round.setdefault((task.observed.round, task.observed.num_examples, task.config), []).append(j)
         latent_spec = EngineSpec(objective=self.objective, regularizers=(("tv", self.tv), ("latent_norm", self.latent_norm)),
                                  optimizer=OptimizerSpec(name="adam", lr=self.lr), iterations=self.task_latent_iterations,
                                  restarts=1, boxed=False, trace_every=0, update_scale=scale, batching=self.batching)
         for (_, _, task_cfg), members in by_round.items():
-            observed = [tasks[j][0] for j in members]
-            problem = inversion_problem(observed, task_cfg, [tasks[j][1] for j in members], device)
+            observed = [tasks[j].observed for j in members]
+            problem = inversion_problem(observed, task_cfg, [tasks[j].labels for j in members], device)
             result = AttackEngine(latent_spec, device=device, seed=seed).run(problem, LatentSpace(problem, prior, self.generator_bn))
             for i, j in enumerate(members):
                 latents[j] = result.variables["z"][i, 0]
-                problems[j] = inversion_problem([tasks[j][0]], task_cfg, [tasks[j][1]], device)
+                problems[j] = inversion_problem([tasks[j].observed], task_cfg, [tasks[j].labels], device)
         # 2. tau steps of weight search on the sum of the tasks' matching costs (one generator, latents fixed)
         order = sorted(problems)
         weights = {WEIGHT + k: v.detach() for k, v in prior.named_parameters()}
@@ -181,17 +180,8 @@ class GIML(GenerativeAttack):
     def state_dict(self) -> dict:
         if self._prior is None:
             return {}
-        tasks = [{"round": obs.round, "client": obs.client_id, "num_examples": obs.num_examples,
-                  "global_state": {k: torch.from_numpy(np.asarray(v)) for k, v in obs.global_state.items()},
-                  "update": {k: torch.from_numpy(np.asarray(v)) for k, v in obs.update.items()},
-                  "train_config": dict(obs.train_config), "labels": torch.from_numpy(labels),
-                  "config": cfg.to_record()} for obs, labels, cfg in self._tasks]
-        model = tasks and self._tasks[0][0].model
         return {"prior": {k: v.detach().cpu() for k, v in self._prior.state_dict().items()}, "meta": dict(self._meta),
-                "counts": dict(self._counts), "tasks": tasks,
-                "model": [model.name, model.num_classes, *model.image_shape, model.width, model.activation]
-                if model else [],
-                "normalization": [list(v) for v in self._tasks[0][0].normalization] if self._tasks else []}
+                "counts": dict(self._counts), "tasks": [pack(t) for t in self._tasks]}
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
@@ -202,18 +192,7 @@ class GIML(GenerativeAttack):
         self._prior.load_state_dict(state["prior"])
         self._prior.eval()
         self._counts = {k: int(v) for k, v in state["counts"].items()}
-        self._tasks = []
-        if state["tasks"]:
-            name, classes, c, h, w, width, activation = state["model"]
-            spec = ModelSpec(name, int(classes), (int(c), int(h), int(w)), int(width), activation)
-            normalization = tuple(tuple(float(x) for x in v) for v in state["normalization"])
-            for t in state["tasks"]:
-                obs = ObservedUpdate(round=int(t["round"]), client_id=int(t["client"]), model=spec,
-                                     normalization=normalization,
-                                     global_state={k: v.numpy() for k, v in t["global_state"].items()},
-                                     update={k: v.numpy() for k, v in t["update"].items()},
-                                     train_config=dict(t["train_config"]), num_examples=int(t["num_examples"]))
-                self._tasks.append((obs, t["labels"].numpy(), TrainConfig.from_record(t["config"])))
+        self._tasks = [unpack(t) for t in state["tasks"]]
 
 
 class _SharedPrior(dict):

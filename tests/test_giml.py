@@ -76,10 +76,11 @@ def test_the_prior_state_round_trips_through_a_weights_only_file(cifar_test, tmp
     for (name, a), (_, b) in zip(giml._prior.state_dict().items(), restored._prior.state_dict().items()):
         assert torch.equal(a, b), name
     assert restored._counts == giml._counts and len(restored._tasks) == 2
-    for (obs_a, lab_a, cfg_a), (obs_b, lab_b, cfg_b) in zip(giml._tasks, restored._tasks):
-        assert obs_a.round == obs_b.round and obs_a.client_id == obs_b.client_id and cfg_a == cfg_b
-        assert np.array_equal(lab_a, lab_b)
-        assert all(np.array_equal(obs_a.update[k], obs_b.update[k]) for k in obs_a.update)
+    for a, b in zip(giml._tasks, restored._tasks):
+        assert a.observed.round == b.observed.round and a.observed.client_id == b.observed.client_id
+        assert a.config == b.config and a.observed.model == b.observed.model
+        assert np.array_equal(a.labels, b.labels)
+        assert all(np.array_equal(a.observed.update[k], b.observed.update[k]) for k in a.observed.update)
     # continuing from the restored state is the same as continuing the original
     giml.end_round(2, seed=9)
     restored.end_round(2, seed=9)
