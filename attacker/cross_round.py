@@ -47,9 +47,13 @@ class CrossRoundInversion(InvertingGradients):
                 restarts=self.restarts, trace=[(it, losses[0]) for it, losses in result.trace],
                 extra={"rounds_used": len(parts), "rounds": [obs.round] + [k.observed.round for k in reversed(used)],
                        **{k: float(v[0]) for k, v in result.update_fit.items()}}))
-            history = self._history.setdefault(obs.client_id, []) + [Kept(obs, np.asarray(labels), cfg)]
-            self._history[obs.client_id] = history[-max(self.rounds_used - 1, 0):] if self.rounds_used > 1 else []
+            self.remember(Kept(obs, np.asarray(labels), cfg))
         return with_label_candidates(observed, threat, out)
+
+    def remember(self, kept: Kept) -> None:
+        """Add an update to its client's history (bounded to the ``rounds_used - 1`` newest)."""
+        history = self._history.get(kept.observed.client_id, []) + [kept]
+        self._history[kept.observed.client_id] = history[-(self.rounds_used - 1):] if self.rounds_used > 1 else []
 
     def state_dict(self) -> dict:
         return {"history": {str(c): [pack(k) for k in kept] for c, kept in self._history.items()}}

@@ -204,6 +204,13 @@ class GenerativeAttack(OptimizationAttack):
     def side_information(self, observed, simulator, threat):
         return bn_targets(observed, simulator, threat, self.bn_source) if self.bn else {}
 
+    def space(self, problem: InversionProblem) -> SearchSpace:
+        """The generator space a single-stage attack searches."""
+        raise NotImplementedError
+
+    def search(self, spec, problem, device, seed):
+        return AttackEngine(spec, device=device, seed=seed).run(problem, self.space(problem))
+
 
 class LatentSearch(GenerativeAttack):
     """GI-z: Adam on every image's latent (step decay at 3/8, 5/8, 7/8), cosine matching, TV, optional latent
@@ -218,9 +225,8 @@ class LatentSearch(GenerativeAttack):
     def regularizers(self):
         return super().regularizers() + (("latent_norm", self.latent_norm),)
 
-    def search(self, spec, problem, device, seed):
-        space = LatentSpace(problem, self.prior_generator(problem.image_shape), self.generator_bn, self.latent_clamp)
-        return AttackEngine(spec, device=device, seed=seed).run(problem, space)
+    def space(self, problem):
+        return LatentSpace(problem, self.prior_generator(problem.image_shape), self.generator_bn, self.latent_clamp)
 
 
 class WeightSearch(GenerativeAttack):
@@ -236,9 +242,8 @@ class WeightSearch(GenerativeAttack):
     def regularizers(self):
         return super().regularizers() + (("prior_distance", self.prior_distance),)
 
-    def search(self, spec, problem, device, seed):
-        space = WeightSpace(problem, self.prior_generator(problem.image_shape), self.generator_bn, self.per_image)
-        return AttackEngine(spec, device=device, seed=seed).run(problem, space)
+    def space(self, problem):
+        return WeightSpace(problem, self.prior_generator(problem.image_shape), self.generator_bn, self.per_image)
 
 
 class LatentThenWeightSearch(GenerativeAttack):
@@ -298,8 +303,8 @@ class CINet(GenerativeAttack):
         channels, size = problem.image_shape[0], problem.image_shape[1]
         width = cinet_width(problem.batch_size, size, channels, self.width_factor, self.start_width)
         generator = build_generator(self.generator, size, channels, seed=seed, width=width, **self.generator_params)
-        space = WeightSpace(problem, generator, self.generator_bn, per_image=False)
-        return AttackEngine(spec, device=device, seed=seed).run(problem, space)
+        return AttackEngine(spec, device=device, seed=seed).run(problem, WeightSpace(problem, generator,
+                                                                                      self.generator_bn, False))
 
 
 def combine(first: EngineResult, second: EngineResult) -> EngineResult:
