@@ -50,11 +50,17 @@ LEAKAGE_COLUMNS = {"round": "round", "client_id": "client", "attack": "attack", 
                    "label_accuracy": "label acc", "attack_seconds": "seconds", "status": "status"}
 
 
+PRIOR_COLUMNS = {"prior_round": "prior round", "prior_meta_steps": "meta-steps"}
+
+
 def leakage_table(frame, title: str) -> Table:
     table = Table(title=title)
-    cols = list(LEAKAGE_COLUMNS)
+    names = dict(LEAKAGE_COLUMNS)
+    if "prior_round" in frame and (frame.prior_round >= 0).any():  # an attack with a learnt prior ran
+        names = {**{k: v for k, v in names.items() if k != "status"}, **PRIOR_COLUMNS, "status": "status"}
+    cols = list(names)
     for col in cols:
-        table.add_column(LEAKAGE_COLUMNS[col], justify="left" if col in ("attack", "status") else "right")
+        table.add_column(names[col], justify="left" if col in ("attack", "status") else "right")
     for _, row in frame.sort_values(["round", "client_id", "attack"]).iterrows():
         cells = []
         for col in cols:

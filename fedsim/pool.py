@@ -2,9 +2,10 @@
 
 It runs any attack registered in :data:`fedsim.contract.ATTACKS` (the attacker plugin's or an outside package's).
 
-Owners. Every (attack, update) pair goes to one worker, its owner: a stateless attack or a per-client history
-(``state_scope = "client"``) is owned by ``client_id % workers``, a global state (``"global"``, e.g. a GIML prior)
-by one fixed worker, so such state is never split. Ray runs an actor's tasks in submission order, so an owner sees
+Owners. Every (attack, update) pair goes to one worker, its owner: a per-client history (``state_scope =
+"client"``) is owned by ``client_id % workers``, a global state (``"global"``, e.g. a GIML prior) by one fixed
+worker, so such state is never split; a stateless attack by one worker per attack when there are at least as many
+attacks as workers (a round's updates stay one batched inversion), else by ``client_id % workers``. Ray runs an actor's tasks in submission order, so an owner sees
 round r before round r + 1.
 
 State. After running a round's updates the owner calls ``end_round`` and saves each stateful attack's
@@ -48,9 +49,11 @@ def attack_keys(attacks: list[Attack]) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
 
 
-def owner(attack: Attack | type[Attack], attack_index: int, client_id: int, workers: int) -> int:
-    """The worker that runs ``attack`` on an update of ``client_id`` (see the module docstring)."""
-    if attack.state_scope == "global":
+def owner(attack: Attack | type[Attack], attack_index: int, client_id: int, workers: int, attacks: int = 1) -> int:
+    """The worker that runs ``attack`` on an update of ``client_id`` (see the module docstring). A stateless attack
+    keeps a round's updates together (one batched inversion) when there are at least as many attacks as workers,
+    else it spreads them by client."""
+    if attack.state_scope == "global" or (attack.state_scope == "none" and attacks >= workers):
         return attack_index % workers
     return client_id % workers
 
@@ -163,7 +166,8 @@ class AttackerPool:
         grouped: dict[tuple[int, int], list[ObservedUpdate]] = {}
         for index, attack in enumerate(self.attacks):
             for obs in observed:
-                grouped.setdefault((owner(attack, index, obs.client_id, self.workers), index), []).append(obs)
+                worker = owner(attack, index, obs.client_id, self.workers, len(self.attacks))
+                grouped.setdefault((worker, index), []).append(obs)
         return [(w, a, batch) for (w, a), batch in sorted(grouped.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
 
     # -- submission -------------------------------------------------------------------------------------------

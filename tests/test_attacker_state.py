@@ -66,7 +66,8 @@ def test_state_is_saved_every_round_and_restored_on_resume(tmp_path, outside):
 def test_a_global_state_has_one_owner_and_a_client_history_shards(outside):
     counter, mean = outside.CountingAttack, outside.MeanImage
     assert {owner(counter, 1, c, 3) for c in range(20)} == {1}
-    assert [owner(mean, 0, c, 3) for c in range(6)] == [0, 1, 2, 0, 1, 2]
+    assert [owner(mean, 0, c, 3) for c in range(6)] == [0, 1, 2, 0, 1, 2]  # one attack: spread over workers
+    assert {owner(mean, 4, c, 3, attacks=5) for c in range(6)} == {1}  # as many attacks as workers: batched whole
 
 
 @pytest.mark.ray

@@ -178,3 +178,22 @@ def test_cinet_recovers_a_batch_from_a_sigmoid_victim(cifar_test):
         results[name] = row
     assert results["ci_net"].psnr_mean > 25.0 and results["ci_net"].ssim_mean > 0.85, results["ci_net"]
     assert results["ci_net"].psnr_mean > results["inverting_gradients"].psnr_mean + 8.0
+
+
+def test_generator_attacks_take_bn_fidelity_masked_matching_fedavg_and_any_victim(cifar_test):
+    from fedsim.config import build_threat
+    from fedsim.defenses import build_defense
+
+    defenses = [build_defense({"name": "share_bn_stats"}), build_defense({"name": "topk", "fraction": 0.3})]
+    fedavg = TrainConfig(mode="fedavg", lr=0.05, epochs=1, batch_size=1, num_samples=2)
+    for model, spec in (("convnet", {"name": "gi_zw", "iterations": 3, "weight_iterations": 3, "restarts": 2}),
+                        ("convnet", {"name": "gi_z", "iterations": 3, "restarts": 2}),
+                        ("resnet18", {"name": "gi_w", "iterations": 3}),
+                        ("convnet", {"name": "ci_net", "iterations": 3})):
+        spec = {**spec, "bn": 0.1, "bn_source": "shared", "objective": "masked_cosine", "generator_params":
+                {"ngf": 8} if spec["name"] != "ci_net" else {}}
+        job = SingleUpdateJob(cifar_test, model, [0, 1, 2, 3], 2, build_attack(spec), fedavg, defenses=defenses,
+                              threat=build_threat(defenses), width=4)
+        rows = run_single(job, pathlib.Path(tempfile.mkdtemp()))
+        assert [r.status for r in rows] == ["ok", "ok"], (model, spec["name"], rows[0].error)
+        assert all(np.isfinite(r.psnr_mean) and r.batch_size == 2 for r in rows)
