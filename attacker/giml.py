@@ -79,7 +79,7 @@ class GIML(GenerativeAttack):
     def inner_attack(self) -> GenerativeAttack:
         """The GIAS attack that inverts one round's updates, with the current prior."""
         shared = self.model_dump(include={"iterations", "restarts", "lr", "max_parallel", "trace_every", "batching",
-                                          "generator", "generator_params", "generator_seed", "generator_bn",
+                                          "generator", "generator_params", "generator_seed", "generator_bn", "copies",
                                           "objective", "tv", "bn", "bn_source", "signed"})
         if self.attack == "gi_zw":
             shared |= {"weight_iterations": self.weight_iterations, "weight_lr": self.weight_lr,

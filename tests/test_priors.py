@@ -39,11 +39,13 @@ def test_dcgan_shapes_and_size():
     assert g(torch.randn(1, 100)).shape == (1, 3, 32, 32)
 
 
-def test_batched_generator_copies_equal_one_copy_at_a_time(float64):
-    """GI-z/w's per-image weight copies are vmapped: the same images as separate generators one after another."""
+@pytest.mark.parametrize("copies", ["loop", "stacked", "vmap"])
+def test_batched_generator_copies_equal_one_copy_at_a_time(float64, copies):
+    """GI-z/w's per-image weight copies, on every execution path: the same images as separate generators."""
     pr = problem()
     g = build_generator("dcgan", 32, 3, ngf=8).double()
-    space = WeightSpace(pr, g, per_image=True)
+    space = WeightSpace(pr, g, per_image=True, copies=copies)
+    assert space.mode == copies
     variables = space.init(2, 2, torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(1)
     for k in variables:
