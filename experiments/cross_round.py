@@ -12,6 +12,7 @@ rows isolate image recovery. Equal iterations for every k. Writes experiments/cr
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=1000)
     parser.add_argument("--ks", default="1,2,4,8")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     test, train = load_dataset("cifar10", "test"), load_dataset("cifar10", "train")
     ks = [int(k) for k in args.ks.split(",")]
     results: dict[int, list] = {k: [] for k in ks}
