@@ -793,7 +793,7 @@ class AttackEngine:
         def each(variables, labels, targets, aux, anchors, with_grad: bool):
             first = next(iter(variables.values()))
             P, R = first.shape[:2]
-            grads = {k: torch.zeros_like(v) for k, v in variables.items()} if with_grad else None
+            grads = {k: torch.empty_like(v) for k, v in variables.items()} if with_grad else None  # all filled below
             totals = torch.empty(P, R, device=first.device)
             matching = torch.empty(P, R, device=first.device)
             for p in range(P):

@@ -166,7 +166,8 @@ class WeightSpace(GeneratorSpace):
             images = vmap(lambda p, zi: functional_call(self.generator, (p, self.buffers), (zi[None],))[0])(
                 params, flat_z)
         else:
-            images = torch.cat([functional_call(self.generator, ({k: v[j] for k, v in params.items()}, self.buffers),
+            per_copy = {k: v.unbind(0) for k, v in params.items()}  # unbind: one stacked gradient, not one per copy
+            images = torch.cat([functional_call(self.generator, ({k: v[j] for k, v in per_copy.items()}, self.buffers),
                                                 (flat_z[j:j + 1],)) for j in range(copies)])
         return self.to_input(images).reshape(*z.shape[:2], *images.shape[1:]), labels
 
