@@ -103,7 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     generator = load_prior(args.prior, 32, 3)[0] if args.prior else build_generator("dcgan", 32, 3)
-    print(f"| batch | restarts | iterations | fedsim ms/it | reference ms/it | speed-up | fedsim PSNR | reference PSNR |")
+    print("| batch | restarts | iterations | fedsim ms/it | reference ms/it | speed-up | fedsim PSNR | reference PSNR |")
     print("|---|---|---|---|---|---|---|---|")
     for batch in (int(b) for b in args.batches.split(",")):
         data, model, sim, update, labels, unit = case(batch)

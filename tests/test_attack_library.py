@@ -6,8 +6,7 @@ import torch
 from kornia.geometry.transform import translate
 
 from attacker.analytic import linear_input
-from attacker.engine import (AttackEngine, BatchedLBFGS, CandidateContext, EngineSpec, InversionProblem,
-                             OptimizerSpec, VictimSimulator, bn_fidelity, lazy_consensus, registered_consensus)
+from attacker.engine import (BatchedLBFGS, CandidateContext, OptimizerSpec, VictimSimulator, bn_fidelity, lazy_consensus, registered_consensus)
 from attacker.labels import model_probe, recover_labels
 from fedsim.metrics import label_accuracy
 from attacker.registration import pixel_shift, register_translation
