@@ -87,13 +87,14 @@ def test_a_killed_worker_restarts_with_its_saved_state(tmp_path, outside):
         assert ray.get(actor.ping.remote()) == {}  # started fresh
         ray.kill(actor, no_restart=False)
         deadline = time.time() + 60
-        while True:  # Ray restarts the actor, whose __init__ reloads the newest saved state
+        restored = {}
+        while not restored:  # the kill is asynchronous; Ray then restarts the actor, whose __init__ reloads the state
             try:
                 restored = ray.get(actor.ping.remote(), timeout=10)
-                break
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                if time.time() > deadline:
-                    raise
+                pass
+            if not restored:
+                assert time.time() < deadline, "the killed worker did not come back with its saved state"
                 time.sleep(0.5)
         assert restored == {"outside_counter": 2}
         rows.rows.clear()
