@@ -412,13 +412,20 @@ class OptimizerSpec:
     history_size: int = 100  # L-BFGS memory
 
 
+def fused_adam(tensors) -> bool:
+    """Whether torch's fused Adam kernel takes these tensors (floating point on CPU or CUDA)."""
+    return all(t.is_floating_point() and t.device.type in ("cpu", "cuda") for t in tensors)
+
+
 class AdamOptimizer:
     """Adam (optionally on the sign of the gradient) with step decay. Adam is element-wise, so one instance over
     the stacked candidates is exactly independent optimisers per candidate."""
 
     def __init__(self, variables: Tensors, spec: OptimizerSpec, iterations: int, signed: bool):
         self.variables, self.signed = variables, signed
-        self.opt = torch.optim.Adam(list(variables.values()), lr=spec.lr)
+        # fused: one pass over parameter, gradient and moments; on CPU 4.7x faster than the default foreach kernels
+        # for GI-w's millions of copied generator weights (57 -> 12 ms for 8 DCGAN-32 copies, one thread)
+        self.opt = torch.optim.Adam(list(variables.values()), lr=spec.lr, fused=fused_adam(variables.values()))
         milestones = sorted({int(iterations * f) for f in spec.decay_milestones})
         self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones=milestones, gamma=spec.decay_gamma)
         self.evaluations = 0
@@ -793,7 +800,8 @@ class AttackEngine:
         def each(variables, labels, targets, aux, anchors, with_grad: bool):
             first = next(iter(variables.values()))
             P, R = first.shape[:2]
-            grads = {k: torch.empty_like(v) for k, v in variables.items()} if with_grad else None  # all filled below
+            # all filled below; one candidate's gradients are taken as they are
+            grads = ({k: torch.empty_like(v) for k, v in variables.items()} if P * R > 1 else {}) if with_grad else None
             totals = torch.empty(P, R, device=first.device)
             matching = torch.empty(P, R, device=first.device)
             for p in range(P):
@@ -806,7 +814,10 @@ class AttackEngine:
                         if with_grad:
                             g = torch.autograd.grad(total, list(cand.values()))
                             for k, gk in zip(cand, g):
-                                grads[k][p, r] = gk
+                                if P * R == 1:  # a view, not a copy of (possibly millions of) generator weights
+                                    grads[k] = gk[None, None]
+                                else:
+                                    grads[k][p, r] = gk
                     totals[p, r], matching[p, r] = total.detach(), match.detach()
             return totals, matching, grads
 
