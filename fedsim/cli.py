@@ -20,9 +20,10 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 
 
-def fail(message: str) -> None:
+def fail(message: str, code: int = 2) -> None:
+    """One line on stderr; exit 2 for bad input, 1 for a run that failed."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
 
 
 def _user_errors():
@@ -75,7 +76,7 @@ def run(
     config: Path = typer.Argument(..., help="Experiment TOML file."),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set federation.rounds=5 (repeatable)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join an existing Ray cluster."),
-    resume: bool = typer.Option(False, "--resume", help="Keep rows of an earlier run in the same directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in the same directory from its last finished round and attack its backlog."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Run a federated simulation with an honest-but-curious server and report leakage per round and client."""
@@ -83,6 +84,8 @@ def run(
 
     try:
         cfg = load_config(config, set_)
+        if ray_address:
+            cfg.ray.address = ray_address
         from .federation import prepare
 
         prepare(cfg)  # resolve data and partitions now: bad input fails before Ray starts
@@ -90,7 +93,16 @@ def run(
         fail(_one_line(err))
     from .federation import run_experiment
 
-    store = run_experiment(cfg, ray_address=ray_address, resume=resume, show_progress=not quiet)
+    from strategies.reproducible import ClientFailure
+
+    from .config import ConfigError
+
+    try:
+        store = run_experiment(cfg, ray_address=ray_address, resume=resume, show_progress=not quiet)
+    except ConfigError as err:  # raised before Ray starts (a resume that does not fit the run it continues)
+        fail(_one_line(err))
+    except ClientFailure as err:  # federation.on_client_error = "stop"; the rows written so far stay
+        fail(f"{err}; finished rounds are in {cfg.run_dir} (resume with --resume)", code=1)
     rounds = store.rounds.frame()
     if len(rounds):
         console.print(rounds[["round", "test_accuracy", "test_loss", "model_checksum"]].to_string(index=False))
@@ -160,6 +172,11 @@ def attack(
     from .single import SingleUpdateJob, parse_indices, run_single
 
     try:
+        from .checks import check_device
+
+        check_device(device, "--device")
+        if mode not in ("fedsgd", "fedavg"):
+            raise ValueError(f"--mode must be fedsgd or fedavg, not {mode!r}")
         if labels not in ("known", "recovered"):
             raise ValueError(f"--labels must be known or recovered, not {labels!r}")
         from .registry import lookup
@@ -214,6 +231,9 @@ def experiment(
     from .experiment import run_experiment_file
 
     try:
+        from .checks import check_device
+
+        check_device(device, "--device")
         frame = run_experiment_file(config, set_, only, device=device, log=console.print)
     except _user_errors() as err:
         fail(_one_line(err))

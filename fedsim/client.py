@@ -47,7 +47,7 @@ def client_round(model: nn.Module, global_state: dict[str, torch.Tensor], data: 
     param_names = {name for name, _ in model.named_parameters()}
     update = {k: result.state[k] - global_state[k] for k in param_names}
     ctx = DefenseContext(generator=torch.Generator().manual_seed(round_seed(seed, server_round, client_id, 2)),
-                         bn_stats=result.bn_stats)
+                         bn_stats=result.bn_stats, server_round=server_round, client_id=client_id)
     defended = apply_pipeline(defenses, update, ctx)
     state = {k: (global_state[k] + defended[k]) if k in defended else v
              for k, v in result.state.items() if k in global_state}

@@ -7,12 +7,14 @@ falling back to plain strings; ``attacks.0.iterations=100`` indexes into lists.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .checks import check_device_name
 from .contract import LABEL_METHODS, ThreatModel, build_attack
 from .defenses import Defense, build_defense, shared_by
 from .models import MODELS
@@ -36,6 +38,13 @@ def build_threat(defenses: list[Defense], *, labels: str = "recovered", label_me
     derived for `fedsim run`, `fedsim attack` and `fedsim experiment`)."""
     return ThreatModel(labels=labels, label_method=label_method, bn_stats_shared="bn_stats" in shared_by(defenses),
                        hyperparameters_known=hyperparameters_known, secure_aggregation=secure_aggregation)
+
+
+def _device_name(device: str) -> str:
+    try:
+        return check_device_name(device, "device")
+    except ValueError as err:
+        raise ValueError(str(err).removeprefix("device: ")) from None
 
 
 class ConfigError(ValueError):
@@ -63,6 +72,9 @@ class FederationConfig(Section):
     num_clients: int = Field(default=8, ge=1)
     clients_per_round: int = Field(default=4, ge=1)
     rounds: int = Field(default=3, ge=1)
+    # a client that raises: "skip" records it in failures.parquet and aggregates the others; "stop" ends the run
+    # with one line naming the client and round
+    on_client_error: Literal["skip", "stop"] = "skip"
 
     @model_validator(mode="after")
     def _fits(self):
@@ -109,6 +121,12 @@ class AttackSettings(Section):
     workers: int = Field(default=2, ge=1)
     threads: int = Field(default=1, ge=1)  # torch threads per attack worker
     gpus_per_worker: float | None = Field(default=None, ge=0.0)  # default: 1/workers when device is cuda, else 0
+    # custom Ray resources each attacker worker requests, e.g. {attacker_node = 1}: places the workers on the nodes
+    # started with that resource (`ray start --resources='{"attacker_node": 4}'`)
+    resources: dict[str, float] = Field(default_factory=dict)
+    # seconds one attack call (one attack on one worker's share of a round) may run; past it the round's rows for
+    # that attack are errors with the reason and the worker restarts (ray executor). None: no limit
+    timeout: float | None = Field(default=None, gt=0.0)
 
 
 class RayConfig(Section):
@@ -123,7 +141,7 @@ class ExperimentConfig(Section):
     name: str = "experiment"
     output_dir: str = "runs"
     seed: int = 0
-    device: str = "cpu"
+    device: Annotated[str, AfterValidator(_device_name)] = "cpu"  # cpu, cuda, cuda:N, mps
     data: DataConfig = Field(default_factory=DataConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -243,3 +261,28 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err)) from None
+
+
+# Keys a resumed run may change: they do not change what was computed (where and how fast it runs, or more rounds).
+RESUMABLE = ("federation.rounds", "ray.", "attack.executor", "attack.workers", "attack.threads",
+             "attack.gpus_per_worker", "device")
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def resume_conflict(stored: dict, current: dict) -> str | None:
+    """The first key (dotted) in which a run's stored config and the config it is resumed with differ in a way
+    that would change its results, as ``"key: stored -> current"``; None if they agree."""
+    old, new = _flat(json.loads(json.dumps(stored, default=str))), _flat(json.loads(json.dumps(current, default=str)))
+    for key in sorted(set(old) | set(new)):
+        if key.startswith(RESUMABLE) or old.get(key) == new.get(key):
+            continue
+        return f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+    return None

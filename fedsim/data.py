@@ -123,12 +123,20 @@ def read_npz(path: Path, name: str = "", num_classes: int | None = None) -> Imag
     return ImageData(images, labels, classes, mean, std, name or path.stem, str(path), extras)
 
 
+def _read_square(path: Path, image_size: int) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return np.asarray(_square(img.convert("RGB"), image_size))
+    except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+        raise DataError(f"cannot read image {path}: {type(err).__name__}") from None
+
+
 def read_image_folder(root: Path, image_size: int, name: str = "") -> ImageData:
     """An ImageNet/FFHQ-style folder: class sub-folders (labels in sorted order) or a flat folder (no labels).
 
     Each image is centre-cropped to a square and resized to ``image_size`` (bicubic)."""
-    from PIL import Image
-
     suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     entries: list[tuple[Path, int | None]] = []
@@ -141,8 +149,7 @@ def read_image_folder(root: Path, image_size: int, name: str = "") -> ImageData:
         raise DataError(f"image folder {root} holds no images ({', '.join(sorted(suffixes))})")
     images = np.empty((len(entries), image_size, image_size, 3), dtype=np.uint8)
     for i, (path, _) in enumerate(entries):
-        with Image.open(path) as img:
-            images[i] = np.asarray(_square(img.convert("RGB"), image_size))
+        images[i] = _read_square(path, image_size)
     labels = np.array([lbl for _, lbl in entries], dtype=np.int64) if classes else None
     mean, std = NORMALIZATION["imagenet"]
     return ImageData(images, labels, max(len(classes), 1), mean, std, name or root.name, str(root))
@@ -155,8 +162,6 @@ def read_ffhq(root: Path, annotations: Path, attribute: str = "gender", image_si
     (no file, or no face found in it) is reported and skipped, never guessed."""
     import json
     import logging
-
-    from PIL import Image
 
     root, annotations = Path(root), Path(annotations)
     if not root.is_dir():
@@ -190,8 +195,7 @@ def read_ffhq(root: Path, annotations: Path, attribute: str = "gender", image_si
     names = sorted(set(values))
     images = np.empty((len(kept), image_size, image_size, 3), dtype=np.uint8)
     for i, path in enumerate(kept):
-        with Image.open(path) as img:
-            images[i] = np.asarray(_square(img.convert("RGB"), image_size))
+        images[i] = _read_square(path, image_size)
     labels = np.array([names.index(v) for v in values], dtype=np.int64)
     mean, std = _stats(images)
     return ImageData(images, labels, len(names), mean, std, "ffhq", str(root),
@@ -321,6 +325,9 @@ def partition_indices(labels: np.ndarray | None, num_clients: int, scheme: str, 
     n = len(labels) if labels is not None else 0
     if n < num_clients:
         raise DataError(f"{n} samples cannot be split over {num_clients} clients")
+    if n < num_clients * min_partition_size:
+        raise DataError(f"{n} samples cannot give each of {num_clients} clients {min_partition_size} "
+                        "(client.num_samples)")
     table = Dataset.from_dict({"idx": np.arange(n), "label": labels.astype(np.int64)})
     if scheme == "iid":
         # IidPartitioner splits in order; shuffle first with the run seed so partitions are random but reproducible.
@@ -332,5 +339,10 @@ def partition_indices(labels: np.ndarray | None, num_clients: int, scheme: str, 
     else:
         raise DataError(f"unknown partitioning {scheme!r}; use iid or dirichlet")
     partitioner.dataset = table
-    return [np.asarray(partitioner.load_partition(i).with_format("numpy")["idx"], dtype=np.int64)
-            for i in range(num_clients)]
+    try:
+        return [np.asarray(partitioner.load_partition(i).with_format("numpy")["idx"], dtype=np.int64)
+                for i in range(num_clients)]
+    except ValueError as err:  # the Dirichlet draw could not give every client min_partition_size samples
+        raise DataError(f"data.alpha={alpha}: no Dirichlet split gives each of {num_clients} clients "
+                        f"{min_partition_size} samples (client.num_samples); raise data.alpha or lower "
+                        f"client.num_samples ({str(err).splitlines()[0]})") from None

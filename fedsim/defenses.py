@@ -28,6 +28,8 @@ class DefenseContext:
     generator: torch.Generator
     bn_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     shared: dict[str, object] = field(default_factory=dict)  # extras the client will send, filled by defenses
+    server_round: int = 0  # what the client itself knows of where it is
+    client_id: int = -1
 
 
 class Defense(Registered):

@@ -22,8 +22,10 @@ GroundTruth = Callable[[list[int]], tuple[torch.Tensor, np.ndarray | None]]
 
 class LeakageEvaluator:
     def __init__(self, ground_truth: GroundTruth, sink: Callable[[LeakageRecord], None],
-                 grid_dir: Path | None = None, on_row: Callable[[LeakageRecord], None] | None = None) -> None:
+                 grid_dir: Path | None = None, on_row: Callable[[LeakageRecord], None] | None = None,
+                 on_audit: Callable[[AuditRecord], None] | None = None) -> None:
         self.ground_truth = ground_truth
+        self.on_audit = on_audit  # e.g. the run directory's queue, so a resumed run can still score
         self.sink = sink
         self.grid_dir = grid_dir
         self.on_row = on_row
@@ -32,6 +34,8 @@ class LeakageEvaluator:
         self._lock = threading.Lock()
 
     def register_audit(self, audit: AuditRecord) -> None:
+        if self.on_audit:
+            self.on_audit(audit)
         with self._lock:
             self._audits[(audit.round, audit.client_id)] = audit
 

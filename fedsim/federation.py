@@ -7,6 +7,7 @@ pass to it by closure. Client actors are separate processes: each loads its data
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -23,11 +24,13 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from strategies.continued import Continued
 from strategies.honest_but_curious import HonestButCurious, UpdateTee
 from strategies.reproducible import ReproducibleSampling
 
+from .checks import check_device, check_resources
 from .client import choose_samples, client_round
-from .config import ExperimentConfig
+from .config import ConfigError, ExperimentConfig, resume_conflict
 from .contract import LeakageRecord, ModelSpec, ServerView, ThreatModel, build_attack
 from .data import ImageData, load_dataset, partition_indices
 from .defenses import build_defense
@@ -129,6 +132,16 @@ def prepare(cfg: ExperimentConfig) -> Federation:
     n_test = len(test) if d.test_samples == 0 else min(d.test_samples, len(test))
     idx = np.arange(n_test)
     spec = ModelSpec(cfg.model.name, train.num_classes, train.shape, cfg.model.width, cfg.model.activation)
+    # the victim as the server builds it, so a missing, corrupt or mismatched checkpoint fails now, not after Ray
+    build_model(cfg.model.name, spec.num_classes, image_size=spec.image_shape[1], width=cfg.model.width,
+                seed=cfg.seed, checkpoint=cfg.model.checkpoint, activation=cfg.model.activation)
+    if not cfg.ray.address:  # on a cluster the GPUs are the cluster's: checked once Ray is up (check_cluster)
+        check_device(cfg.device)
+        check_resources(cpus=cfg.ray.num_cpus or os.cpu_count() or 1,
+                        gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                        client_cpus=cfg.ray.client_cpus, client_gpus=cfg.ray.client_gpus,
+                        attacker_gpus=attacker_gpus(cfg) if cfg.attacks else 0.0,
+                        attacker_resources=cfg.attack.resources if cfg.attacks else None)
     for i, attack in enumerate(cfg.attacks):
         try:
             build_attack(attack).check(spec)
@@ -213,8 +226,26 @@ class Session:
     pool: AttackerPool | None
     evaluator: LeakageEvaluator | None
     progress: "Progress | None" = None
+    finished: int = -1  # the last round a resumed run had finished (-1: a fresh run)
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+
+    def submit(self, observed: list) -> None:
+        """Tee -> disk -> attacker: a teed update is on disk before any attack of it starts."""
+        for obs in observed:
+            self.store.queue.put(obs)
+        self.pool.submit(observed)
+
+    def submit_backlog(self) -> int:
+        """Resume: attack again every queued update of a finished round that still misses a row."""
+        count = 0
+        for server_round in self.store.queue.rounds():
+            for audit in self.store.queue.audits(server_round):
+                self.evaluator.register_audit(audit)
+            observed = self.store.queue.observed(server_round)
+            count += len(observed)
+            self.pool.submit(observed)
+        return count
 
 
 def _wait_for_nodes(grid: Grid, expected: int, timeout: float = 300.0) -> list[int]:
@@ -264,6 +295,9 @@ def _server_main(grid: Grid, session: Session) -> None:
                         width=cfg.model.width, seed=cfg.seed, checkpoint=cfg.model.checkpoint,
                         activation=cfg.model.activation)
     initial = float_state(model)
+    start = max(session.finished, 0)
+    if session.finished >= 0:  # resume: the global model the server held after its last finished round
+        initial = {k: torch.from_numpy(v) for k, v in session.store.checkpoints.load(start).items()}
 
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
@@ -271,29 +305,40 @@ def _server_main(grid: Grid, session: Session) -> None:
     inner = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_evaluate_nodes=0,
                    min_available_nodes=1)
     flwr_log.setLevel(level)
-    strategy = ReproducibleSampling(inner, partition_of, cfg.federation.clients_per_round, cfg.seed)
+    def client_failed(server_round: int, client_id: int, reason: str) -> None:
+        log.warning("client %d failed in round %d: %s", client_id, server_round, reason)
+        session.store.failures.append({"round": server_round, "client_id": client_id, "reason": reason})
+
+    strategy = ReproducibleSampling(inner, partition_of, cfg.federation.clients_per_round, cfg.seed,
+                                    fail_on_client_error=cfg.federation.on_client_error == "stop",
+                                    on_failure=client_failed)
     if session.pool is not None:
         view = ServerView(fed.spec, (fed.train.mean, fed.train.std), cfg.threat_model(),
                           tuple(d.tag() for d in cfg.build_defenses()))
         tee = UpdateTee(view, cfg.attack.clients_per_round, cfg.seed,
-                        submit=session.pool.submit, audit=session.evaluator.register_audit,
+                        submit=session.submit, audit=session.evaluator.register_audit,
                         audit_sum=session.evaluator.register_sum)
         strategy = HonestButCurious(strategy, tee)  # outermost: it sees replies exactly as they arrive
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        state = {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
-        model.load_state_dict(state, strict=False)
+    strategy = Continued(strategy, start)  # rounds keep their numbers after a resume
+
+    def evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round = flower_round + start
+        if server_round == session.finished:  # the resumed-from round: its row and checkpoint exist
+            return None
+        numpy_arrays = {k: v.numpy() for k, v in arrays.items()}
+        session.store.checkpoints.save(server_round, numpy_arrays)  # before the row: a row implies its checkpoint
+        model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in numpy_arrays.items()}, strict=False)
         acc, loss = evaluate_accuracy(model, fed.test_inputs, fed.test_labels)
-        digest = checksum({k: v.numpy() for k, v in arrays.items()})
         session.store.rounds.append({"round": server_round, "test_accuracy": acc, "test_loss": loss,
-                                     "model_checksum": digest, "time": time.time()})
+                                     "model_checksum": checksum(numpy_arrays), "time": time.time()})
         if session.progress is not None:
             session.progress.round_done(server_round)
         return MetricRecord({"accuracy": acc, "loss": loss})
 
     train_config = ConfigRecord(cfg.client.train_config().to_record())
     strategy.start(grid=grid, initial_arrays=ArrayRecord(initial),
-                   num_rounds=cfg.federation.rounds, train_config=train_config, evaluate_fn=evaluate)
+                   num_rounds=cfg.federation.rounds - start, train_config=train_config, evaluate_fn=evaluate)
     if session.pool is not None:
         session.pool.drain()  # Flower shuts Ray down when main returns: collect every attack first
 
@@ -353,6 +398,29 @@ def _ray_settings(cfg: ExperimentConfig, address: str | None) -> dict:
             "object_store_memory": cfg.ray.object_store_memory_mb * 1024 * 1024, "_temp_dir": tmp}
 
 
+def attacker_gpus(cfg: ExperimentConfig) -> float:
+    """GPUs each attacker worker requests: ``attack.gpus_per_worker``, else a share of one GPU on cuda."""
+    if cfg.attack.gpus_per_worker is not None:
+        return cfg.attack.gpus_per_worker
+    return 1.0 / cfg.attack.workers if cfg.device.startswith("cuda") else 0.0
+
+
+def check_cluster(cfg: ExperimentConfig, address: str) -> None:
+    """On an existing cluster: what clients and attacker workers request must exist there."""
+    import ray
+
+    have = ray.cluster_resources()
+    try:
+        check_resources(cpus=have.get("CPU", 0.0), gpus=have.get("GPU", 0.0), client_cpus=cfg.ray.client_cpus,
+                        client_gpus=cfg.ray.client_gpus, attacker_gpus=attacker_gpus(cfg) if cfg.attacks else 0.0,
+                        attacker_resources=cfg.attack.resources if cfg.attacks else None, custom=have,
+                        where=f"the Ray cluster at {address}")
+        if cfg.device.startswith("cuda") and have.get("GPU", 0.0) == 0:
+            raise ValueError(f"device={cfg.device!r} but the Ray cluster at {address} has no GPU")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def run_experiment(cfg: ExperimentConfig, *, ray_address: str | None = None, resume: bool = False,
                    show_progress: bool = True) -> RunDirectory:
     """Run a configured federation with its attacks; returns the run directory (rows are written as they come)."""
@@ -361,7 +429,16 @@ def run_experiment(cfg: ExperimentConfig, *, ray_address: str | None = None, res
 
     fed = prepare(cfg)
     store = RunDirectory(cfg.run_dir, resume=resume)
+    finished = -1
+    if resume and (store.root / "config.json").is_file():
+        conflict = resume_conflict(json.loads((store.root / "config.json").read_text()), cfg.model_dump())
+        if conflict:
+            raise ConfigError(f"--resume: the config differs from the run in {store.root} at {conflict}")
+        finished = store.finished_round()
+        if finished > cfg.federation.rounds:
+            raise ConfigError(f"--resume: federation.rounds={cfg.federation.rounds} but {finished} rounds finished")
     store.write_config(cfg.model_dump())
+    done = {(int(r["round"]), int(r["client_id"]), str(r["attack"])) for r in store.leakage.rows}
     progress = Progress(cfg.federation.rounds, enabled=show_progress)
     evaluator = pool = None
     address = ray_address or cfg.ray.address
@@ -370,23 +447,34 @@ def run_experiment(cfg: ExperimentConfig, *, ray_address: str | None = None, res
     if not ray.is_initialized():
         ray.init(**{k: v for k, v in init_args.items() if v is not None})
     try:
+        if address:
+            check_cluster(cfg, address)
         if cfg.attacks and cfg.attack.clients_per_round > 0:
             train = fed.train
             evaluator = LeakageEvaluator(lambda ids: (train.unit_tensor(ids), train.labels[ids]), store.leakage.append,
-                                         grid_dir=store.root / "grids", on_row=progress.attack_done)
+                                         grid_dir=store.root / "grids", on_row=progress.attack_done,
+                                         on_audit=store.queue.put_audit)
             pool = AttackerPool(cfg.attacks, cfg.threat_model(), evaluator.record, executor=cfg.attack.executor,
                                 workers=cfg.attack.workers, threads=cfg.attack.threads, device=cfg.device,
-                                seed_root=attacker_root(cfg.seed), gpus_per_worker=cfg.attack.gpus_per_worker,
-                                state_dir=store.attacker, on_submit=progress.attacks_submitted)
-        session = Session(fed, store, pool, evaluator, progress)
-        backend = {"client_resources": {"num_cpus": cfg.ray.client_cpus, "num_gpus": cfg.ray.client_gpus},
-                   "init_args": {}}
+                                seed_root=attacker_root(cfg.seed), gpus_per_worker=attacker_gpus(cfg),
+                                resources=cfg.attack.resources, timeout=cfg.attack.timeout,
+                                state_dir=store.attacker, on_submit=progress.attacks_submitted, done=done,
+                                on_round_done=store.queue.drop)
+        session = Session(fed, store, pool, evaluator, progress, finished=finished)
         with progress:
-            run_simulation(server_app=make_server_app(session),
-                           client_app=make_client_app(cfg, fed.plan, fed.partitions),
-                           num_supernodes=cfg.federation.num_clients, backend_config=backend)
-        if pool is not None:
-            pool.close()
+            progress.round_done(max(finished, 0))
+            if pool is not None:
+                session.submit_backlog()  # before new rounds: stateful attacks see rounds in order
+            if finished < cfg.federation.rounds:
+                backend = {"client_resources": {"num_cpus": cfg.ray.client_cpus, "num_gpus": cfg.ray.client_gpus},
+                           "init_args": {}}
+                run_simulation(server_app=make_server_app(session),
+                               client_app=make_client_app(cfg, fed.plan, fed.partitions),
+                               num_supernodes=cfg.federation.num_clients, backend_config=backend)
+            else:
+                session.done.set()
+            if pool is not None:
+                pool.close()
         if session.error is not None:
             raise session.error
         if not session.done.is_set():

@@ -203,6 +203,7 @@ def build_model(
     seed: int = 0,
     checkpoint: str | Path | None = None,
     activation: str = "default",
+    checkpoint_key: str = "model.checkpoint",
 ) -> nn.Module:
     """Build a registered victim with seeded init, optionally loading a checkpoint (tensors only).
     ``activation="sigmoid"`` swaps its ReLUs for Sigmoids."""
@@ -215,12 +216,9 @@ def build_model(
     if activation == "sigmoid":
         use_sigmoid(model)
     if checkpoint:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"model checkpoint not found: {path}")
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        state = payload.get("state_dict", payload) if isinstance(payload, dict) else payload
-        model.load_state_dict(state)
+        from .checks import load_into, load_state_dict_file
+
+        load_into(model, load_state_dict_file(checkpoint, checkpoint_key), checkpoint, name, checkpoint_key)
     return model
 
 

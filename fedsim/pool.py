@@ -29,6 +29,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -91,17 +92,18 @@ class AttackWorker:
         return folder / f"worker_{self.worker_index}" if attack.state_scope == "client" else folder
 
     def run(self, observed: list[ObservedUpdate], attack_index: int) -> list[tuple[int, str, Outcome]]:
-        """(index into ``observed``, attack name, reconstruction or the exception it raised); ``observed`` all
+        """(index into ``observed``, attack key, reconstruction or the exception it raised); ``observed`` all
         belong to one round."""
         attack = self.attacks[attack_index]
         server_round = observed[0].round
         seed = attack_seed(self.seed_root, server_round, attack_index)
         try:
             recs = attack.reconstruct_many(observed, self.threat, device=self.device, seed=seed)
-            out: list[tuple[int, str, Outcome]] = [(i, attack.name, rec) for i, rec in enumerate(recs)]
+            out: list[tuple[int, str, Outcome]] = [(i, self.keys[attack_index], rec) for i, rec in enumerate(recs)]
         except Exception as err:  # noqa: BLE001 - a failing attack becomes error rows, the others still run
-            out = [(i, attack.name, err) for i in range(len(observed))]
-        if attack.state_scope != "none":
+            out = [(i, self.keys[attack_index], err) for i in range(len(observed))]
+        # A round the restored state has already learnt from (a resumed backlog) is attacked, not learnt again.
+        if attack.state_scope != "none" and server_round > self.restored.get(self.keys[attack_index], -1):
             folder = self._state_folder(attack_index)
             if folder is not None:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -127,15 +129,46 @@ class AttackWorker:
         return dict(self.restored)
 
 
+@dataclass
+class _Task:
+    """One (worker, attack, round batch) call in flight."""
+
+    batch: list[ObservedUpdate]
+    key: str
+    worker: int
+    attack_index: int
+    seq: int  # submission order (an actor runs its calls in this order)
+    retries: int = 1  # resubmissions left after the actor died under it
+    started: float | None = None  # when it became its actor's oldest call (the one running)
+
+
+class AttackTimeout(TimeoutError):
+    pass
+
+
 class AttackerPool:
+    """Runs every configured attack on every submitted update exactly once per (round, client, attack key):
+    ``done`` holds the keys that already have a row (a resumed run passes the rows it kept), and a submission
+    reruns only the attacks missing a row of that round (all of the round's updates, so a batched inversion sees the
+    same batch as the first time) and records only the missing rows. ``on_round_done(round)`` fires when every
+    attack has a row for every update submitted for that round."""
+
     def __init__(self, attack_specs: list[dict], threat: ThreatModel, record: RecordFn, *, executor: str = "ray",
                  workers: int = 2, threads: int = 1, device: str = "cpu", seed_root: int = 0,
                  gpus_per_worker: float | None = None, state_dir: str | Path | None = None,
-                 on_submit: Callable[[int], None] | None = None) -> None:
+                 on_submit: Callable[[int], None] | None = None, done: set[tuple[int, int, str]] | None = None,
+                 on_round_done: Callable[[int], None] | None = None,
+                 resources: dict[str, float] | None = None, timeout: float | None = None) -> None:
         self.record = record
         self.executor = executor
+        self.timeout = timeout  # seconds one call may run (ray executor); past it: error rows, the actor restarts
         self.on_submit = on_submit
+        self.on_round_done = on_round_done
         self.attacks = [lookup(ATTACKS, spec.get("name"), "attack") for spec in attack_specs]  # classes, for routing
+        self.keys = attack_keys(self.attacks)
+        self.done: set[tuple[int, int, str]] = set(done or ())
+        self._expected: dict[int, set[tuple[int, int, str]]] = {}
+        self._rows_lock = threading.Lock()
         self._errors: list[BaseException] = []
         state = str(state_dir) if state_dir is not None else None
         if executor == "inline":
@@ -150,21 +183,27 @@ class AttackerPool:
             raise RuntimeError("the ray executor needs Ray initialised first")
         if gpus_per_worker is None:
             gpus_per_worker = 1.0 / workers if device.startswith("cuda") else 0.0
-        # A restarted actor runs __init__ again and so reloads the newest saved attacker state.
-        remote = ray.remote(num_cpus=0, num_gpus=gpus_per_worker, max_restarts=3)(AttackWorker)
+        # Ray restarts a dead actor (killed, out of memory, or by a timeout here); its __init__ reloads the newest
+        # saved attacker state. Calls lost with it are resubmitted once by the collector, then become error rows.
+        remote = ray.remote(num_cpus=0, num_gpus=gpus_per_worker, resources=dict(resources or {}),
+                            max_restarts=-1, max_task_retries=0)(AttackWorker)
         self.workers = workers
         self._actors = [remote.remote(attack_specs, threat, device, threads, seed_root, state, w)
                         for w in range(workers)]
-        self._pending: dict = {}  # ObjectRef -> observed list
+        self._pending: dict = {}  # ObjectRef -> _Task
+        self._seq = 0
         self._cv = threading.Condition()
         self._closed = False
         self._collector = threading.Thread(target=self._collect, name="attacker-collector", daemon=True)
         self._collector.start()
 
-    def tasks(self, observed: list[ObservedUpdate]) -> list[tuple[int, int, list[ObservedUpdate]]]:
+    def tasks(self, observed: list[ObservedUpdate],
+              attack_indices: list[int] | None = None) -> list[tuple[int, int, list[ObservedUpdate]]]:
         """(worker, attack index, updates) for one round's updates, in a fixed order."""
         grouped: dict[tuple[int, int], list[ObservedUpdate]] = {}
         for index, attack in enumerate(self.attacks):
+            if attack_indices is not None and index not in attack_indices:
+                continue
             for obs in observed:
                 worker = owner(attack, index, obs.client_id, self.workers, len(self.attacks))
                 grouped.setdefault((worker, index), []).append(obs)
@@ -172,28 +211,62 @@ class AttackerPool:
 
     # -- submission -------------------------------------------------------------------------------------------
     def submit(self, observed: list[ObservedUpdate]) -> None:
+        """One round's observed updates."""
         if not observed:
             return
+        server_round = observed[0].round
+        wanted = {(o.round, o.client_id, key) for o in observed for key in self.keys}
+        with self._rows_lock:
+            self._expected.setdefault(server_round, set()).update(wanted)
+            missing = wanted - self.done
+        if not missing:
+            self._round_check(server_round)
+            return
+        indices = [i for i, key in enumerate(self.keys) if any(m[2] == key for m in missing)]
         if self.on_submit:
-            self.on_submit(len(observed) * len(self.attacks))
-        for worker, attack_index, batch in self.tasks(observed):
+            self.on_submit(len(missing))
+        for worker, attack_index, batch in self.tasks(observed, indices):
             if self.executor == "inline":
                 self._deliver(batch, self._inline.run(batch, attack_index))
                 continue
-            with self._cv:
-                self._pending[self._actors[worker].run.remote(batch, attack_index)] = (batch, self.attacks[attack_index].name)
-                self._cv.notify_all()
+            self._launch(_Task(batch, self.keys[attack_index], worker, attack_index, seq=0))
 
     def _deliver(self, observed: list[ObservedUpdate], results: list[tuple[int, str, Outcome]]) -> None:
-        for index, attack, outcome in results:
+        rounds = set()
+        for index, key, outcome in results:
+            obs = observed[index]
+            row_key = (obs.round, obs.client_id, key)
+            with self._rows_lock:
+                if row_key in self.done:  # rerun only for the batch's sake: its row exists
+                    continue
+                self.done.add(row_key)
+            rounds.add(obs.round)
             try:
-                self.record(observed[index], attack, outcome)
+                self.record(obs, key, outcome)
             except BaseException as err:  # noqa: BLE001 - keep collecting; re-raised in drain()
                 self._errors.append(err)
+        for server_round in rounds:
+            self._round_check(server_round)
+
+    def _round_check(self, server_round: int) -> None:
+        with self._rows_lock:
+            complete = server_round in self._expected and self._expected[server_round] <= self.done
+            if complete:
+                del self._expected[server_round]
+        if complete and self.on_round_done:
+            self.on_round_done(server_round)
+
+    def _launch(self, task: _Task) -> None:
+        with self._cv:
+            self._seq += 1
+            task.seq, task.started = self._seq, None
+            self._pending[self._actors[task.worker].run.remote(task.batch, task.attack_index)] = task
+            self._cv.notify_all()
 
     # -- collection -------------------------------------------------------------------------------------------
     def _collect(self) -> None:
         import ray
+        from ray.exceptions import RayActorError
 
         while True:
             with self._cv:
@@ -202,17 +275,75 @@ class AttackerPool:
                 if not self._pending and self._closed:
                     return
                 refs = list(self._pending)
-            ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+            ready, _ = ray.wait(refs, num_returns=1, timeout=0.5)
             for ref in ready:
                 with self._cv:
-                    batch, name = self._pending.pop(ref)
+                    task = self._pending.pop(ref, None)
+                if task is None:  # timed out and recorded already
+                    continue
                 try:
                     results = ray.get(ref)
-                except Exception as err:  # noqa: BLE001 - a dead actor: every update of the batch gets an error row
-                    results = [(i, name, err) for i in range(len(batch))]
-                self._deliver(batch, results)
+                except RayActorError as err:  # the actor died under this call (or was restarting): retry once
+                    if task.retries > 0:
+                        task.retries -= 1
+                        log.warning("attacker worker %d died during %s (round %d); retrying once", task.worker,
+                                    task.key, task.batch[0].round)
+                        self._await_restart(task.worker)
+                        self._launch(task)
+                        continue
+                    results = [(i, task.key, err) for i in range(len(task.batch))]
+                except Exception as err:  # noqa: BLE001 - every update of the batch gets an error row
+                    results = [(i, task.key, err) for i in range(len(task.batch))]
+                self._deliver(task.batch, results)
                 with self._cv:
                     self._cv.notify_all()
+            if self.timeout is not None:
+                self._enforce_timeout()
+
+    def _await_restart(self, worker: int, timeout: float = 120.0) -> None:
+        """Until Ray has the actor back (a call sent while it restarts would fail again)."""
+        import ray
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                ray.get(self._actors[worker].ping.remote(), timeout=10)
+                return
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                time.sleep(0.5)
+
+    def _enforce_timeout(self) -> None:
+        """The oldest call of each actor is the one running: if it has run past ``timeout``, its rows become
+        errors and the actor is killed (Ray restarts it; the calls queued behind it are resubmitted once)."""
+        import ray
+
+        now = time.monotonic()
+        expired = []
+        with self._cv:
+            running: dict[int, tuple[object, _Task]] = {}
+            for ref, task in self._pending.items():
+                if task.worker not in running or task.seq < running[task.worker][1].seq:
+                    running[task.worker] = (ref, task)
+            for ref, task in running.values():
+                if task.started is None:
+                    task.started = now
+                elif now - task.started > self.timeout:
+                    del self._pending[ref]
+                    expired.append(task)
+        for task in expired:
+            err = AttackTimeout(f"{task.key} ran past attack.timeout={self.timeout:g} s (round {task.batch[0].round})")
+            log.warning("%s; restarting attacker worker %d", err, task.worker)
+            self._deliver(task.batch, [(i, task.key, err) for i in range(len(task.batch))])
+            ray.kill(self._actors[task.worker], no_restart=False)
+            time.sleep(1.0)  # the kill is asynchronous
+            self._await_restart(task.worker)
+            with self._cv:  # calls queued behind it have not run yet: their clocks start when they do
+                for other in self._pending.values():
+                    if other.worker == task.worker:
+                        other.started = None
+        if expired:
+            with self._cv:
+                self._cv.notify_all()
 
     def drain(self, timeout: float | None = None) -> None:
         """Block until every submitted attack has been recorded."""

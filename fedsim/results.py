@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .backlog import ModelCheckpoints, UpdateQueue
+
 
 class ParquetTable:
     """An append-only table persisted atomically after every append."""
@@ -37,20 +39,52 @@ class ParquetTable:
             frame.to_parquet(tmp, index=False)
             os.replace(tmp, self.path)
 
+    def keep(self, predicate) -> None:
+        """Keep only the rows ``predicate`` accepts (persisted)."""
+        with self._lock:
+            kept = [r for r in self.rows if predicate(r)]
+            if len(kept) == len(self.rows):
+                return
+            self.rows = kept
+            tmp = self.path.with_suffix(".parquet.tmp")
+            pd.DataFrame(self.rows).to_parquet(tmp, index=False)
+            os.replace(tmp, self.path)
+
     def frame(self) -> pd.DataFrame:
         with self._lock:
             return pd.DataFrame(self.rows)
 
 
 class RunDirectory:
+    """``leakage.parquet`` and ``rounds.parquet``, ``grids/``, ``config.json``, the attacker's saved state
+    (``attacker/``), the global model per round (``checkpoints/``) and the attack backlog (``queue/``)."""
+
     def __init__(self, root: Path, resume: bool = False) -> None:
         self.root = Path(root)
         (self.root / "grids").mkdir(parents=True, exist_ok=True)
         self.attacker = self.root / "attacker"  # saved attacker state (fedsim.pool), one folder per stateful attack
-        if not resume and self.attacker.exists():
-            shutil.rmtree(self.attacker)  # a fresh run must not start from an earlier run's learnt state
+        if not resume:  # a fresh run must not start from an earlier run's model, backlog or learnt state
+            for name in ("attacker", "checkpoints", "queue"):
+                shutil.rmtree(self.root / name, ignore_errors=True)
+        self.checkpoints = ModelCheckpoints(self.root / "checkpoints")
+        self.queue = UpdateQueue(self.root / "queue")
         self.leakage = ParquetTable(self.root / "leakage.parquet", resume)
         self.rounds = ParquetTable(self.root / "rounds.parquet", resume)
+        self.failures = ParquetTable(self.root / "failures.parquet", resume)  # clients that raised
+
+    def finished_round(self) -> int:
+        """The last round with both its row and its model checkpoint (-1: none, a fresh start). Rows, checkpoints
+        and queued updates of later rounds belong to a round that did not finish and are dropped: it runs again."""
+        have = set(self.checkpoints.rounds())
+        recorded = {int(r["round"]) for r in self.rounds.rows}
+        done, r = -1, 0
+        while r in have and r in recorded:
+            done, r = r, r + 1
+        self.rounds.keep(lambda row: int(row["round"]) <= done)
+        self.failures.keep(lambda row: int(row["round"]) <= done)
+        self.checkpoints.drop_after(done)
+        self.queue.drop_after(done)
+        return done
 
     def write_config(self, config: dict) -> None:
         (self.root / "config.json").write_text(json.dumps(config, indent=2, default=str))

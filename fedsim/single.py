@@ -30,11 +30,14 @@ def parse_indices(text: str) -> list[int]:
         part = part.strip()
         if not part:
             continue
-        if "-" in part:
-            lo, hi = part.split("-", 1)
-            out += list(range(int(lo), int(hi) + 1))
-        else:
-            out.append(int(part))
+        try:
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                out += list(range(int(lo), int(hi) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise ValueError(f"--indices {text!r}: expected ranges and numbers such as 0-9 or 1,4,7") from None
     if not out:
         raise ValueError(f"no indices in {text!r}")
     return out
@@ -65,7 +68,8 @@ def run_single(job: SingleUpdateJob, output: Path) -> list[LeakageRecord]:
     if data.labels is None:
         raise ValueError(f"{data.name} has no labels; the victims are classifiers")
     model = build_model(job.model_name, data.num_classes, image_size=data.shape[1], width=job.width,
-                        seed=job.seed, checkpoint=job.checkpoint, activation=job.activation)
+                        seed=job.seed, checkpoint=job.checkpoint, activation=job.activation,
+                        checkpoint_key="--trained")
     spec = ModelSpec(job.model_name, data.num_classes, data.shape, job.width, job.activation)
     job.attack.check(spec)
     global_state = float_state(model)

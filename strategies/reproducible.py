@@ -8,7 +8,7 @@ by partition id. Aggregation itself is the inner strategy's, untouched.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -18,6 +18,12 @@ from flwr.serverapp.strategy import Strategy
 
 class ClientFailure(RuntimeError):
     """A sampled client replied with an error."""
+
+
+def reason_of(msg: Message) -> str:
+    """The last line of a failed reply's reason (Flower puts the client's traceback there)."""
+    lines = [line.strip() for line in str(msg.error.reason).splitlines() if line.strip()]
+    return lines[-1] if lines else f"error code {msg.error.code}"
 
 
 class _SampledGrid:
@@ -36,16 +42,19 @@ class _SampledGrid:
 
 class ReproducibleSampling(Strategy):
     def __init__(self, inner: Strategy, partition_of: dict[int, int], clients_per_round: int, seed: int,
-                 fail_on_client_error: bool = True) -> None:
+                 fail_on_client_error: bool = True,
+                 on_failure: Callable[[int, int, str], None] | None = None) -> None:
         """``inner`` must train on every node it is shown (e.g. ``FedAvg(fraction_train=1.0, min_train_nodes=1,
-        min_available_nodes=1)``); ``partition_of`` maps node id to partition id."""
+        min_available_nodes=1)``); ``partition_of`` maps node id to partition id. A client that replies with an
+        error either stops the run (``fail_on_client_error``) or is reported to ``on_failure(round, client,
+        reason)`` and left out of the round's aggregate."""
         self.inner = inner
         self.partition_of = dict(partition_of)
         self.node_of = {pid: nid for nid, pid in self.partition_of.items()}
         self.clients_per_round = clients_per_round
         self.seed = seed
-        # In a simulation a client error is a bug in the setup, not a dropout: stop instead of averaging the rest.
         self.fail_on_client_error = fail_on_client_error
+        self.on_failure = on_failure
 
     def sample(self, server_round: int) -> list[int]:
         """Partition ids sampled in ``server_round`` (sorted)."""
@@ -70,9 +79,16 @@ class ReproducibleSampling(Strategy):
         if failed and self.fail_on_client_error:
             first = failed[0]
             pid = self.partition_of.get(first.metadata.src_node_id, "?")
-            raise ClientFailure(f"{len(failed)} of {len(replies)} clients failed in round {server_round}; "
-                                f"client {pid}: {first.error.reason}")
-        return self.inner.aggregate_train(server_round, replies)
+            raise ClientFailure(f"client {pid} failed in round {server_round}: {reason_of(first)} "
+                                f"({len(failed)} of {len(replies)} clients failed)")
+        for msg in failed:
+            if self.on_failure:
+                self.on_failure(server_round, self.partition_of.get(msg.metadata.src_node_id, -1), reason_of(msg))
+        ok = [m for m in replies if not m.has_error()]
+        if not ok:
+            raise ClientFailure(f"every client failed in round {server_round}; client "
+                                f"{self.partition_of.get(failed[0].metadata.src_node_id, '?')}: {reason_of(failed[0])}")
+        return self.inner.aggregate_train(server_round, ok)
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         return self.inner.configure_evaluate(server_round, arrays, config, grid)

@@ -112,9 +112,14 @@ def test_a_killed_giml_run_resumes_from_its_last_prior_checkpoint(tmp_path, data
     assert 2 <= saved < 30
     expected_steps = int(torch.load(state / f"round_{saved:03d}.pt", weights_only=True)["state"]["counts"]["meta_steps"])
     assert expected_steps == saved  # one meta-step per round
-    resumed = subprocess.run(cmd + ["--set", "federation.rounds=1", "--resume"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=300)
+    # Resume and run one round beyond the prior's last checkpoint (the federation continues from its own last
+    # finished round, saved - 1 or saved: the attack of a round precedes its model checkpoint).
+    resumed = subprocess.run(cmd + ["--set", f"federation.rounds={saved + 1}", "--resume"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     rows = pd.read_parquet(tmp_path / "giml" / "leakage.parquet")
-    after = rows.iloc[-2:]  # the resumed run's rows: attacked with the restored prior
+    assert not rows.duplicated(["round", "client_id", "attack"]).any()
+    assert sorted(rows["round"].unique()) == list(range(1, saved + 2))
+    after = rows[rows["round"] == saved + 1]  # attacked with the restored prior
+    assert len(after) == 2
     assert (after.prior_meta_steps == expected_steps).all() and (after.prior_round == saved).all(), after

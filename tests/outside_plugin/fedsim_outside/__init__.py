@@ -1,5 +1,5 @@
 """An attack package that lives outside fedsim: its metadata (../fedsim_outside-0.1.dist-info/entry_points.txt)
-registers two attacks in the ``fedsim.attacks`` group. Put this folder on sys.path (or PYTHONPATH) to install it."""
+registers attacks in the ``fedsim.attacks`` group and a fault-injecting defense in ``fedsim.defenses``. Put this folder on sys.path (or PYTHONPATH) to install it."""
 
 from typing import ClassVar
 
@@ -59,3 +59,36 @@ class CountingAttack(Attack):
 
     def load_state_dict(self, state):
         self._state = {"updates": int(state["updates"]), "rounds": [int(r) for r in state["rounds"]]}
+
+
+class SleepingAttack(Attack):
+    """Hangs for ``seconds`` (a stuck attack), then answers like MeanImage."""
+
+    name: ClassVar[str] = "outside_sleep"
+    seconds: float = Field(default=3600.0, ge=0.0)
+    started_file: str | None = None  # a line is appended here each time a call starts (tests kill it then)
+
+    def reconstruct_many(self, observed, threat, *, device="cpu", seed=0):
+        import time
+
+        if self.started_file:
+            with open(self.started_file, "a") as f:
+                f.write(f"{observed[0].round}\n")
+        time.sleep(self.seconds)
+        return MeanImage().reconstruct_many(observed, threat, device=device, seed=seed)
+
+
+from fedsim.defenses import Defense  # noqa: E402
+
+
+class CrashingClient(Defense):
+    """A fault injected for real: the client with id ``client`` raises in round ``round``."""
+
+    name: ClassVar[str] = "outside_crash"
+    round: int = 2
+    client: int = 0
+
+    def apply(self, update, ctx):
+        if ctx.server_round == self.round and ctx.client_id == self.client:
+            raise RuntimeError(f"injected fault in client {self.client}, round {self.round}")
+        return update

@@ -1,0 +1,124 @@
+"""Faults injected for real: an attacker actor killed mid-attack, a hung attack, a client that raises in round 2."""
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedsim.config import load_config
+from fedsim.contract import ModelSpec, ObservedUpdate, ThreatModel
+from fedsim.federation import run_experiment
+from fedsim.pool import AttackerPool
+from strategies.reproducible import ClientFailure
+
+pytestmark = pytest.mark.ray
+OUTSIDE = Path(__file__).parent / "outside_plugin"
+
+
+@pytest.fixture
+def outside(monkeypatch):
+    monkeypatch.syspath_prepend(str(OUTSIDE))
+    monkeypatch.setenv("PYTHONPATH", str(OUTSIDE))  # Ray worker processes inherit it
+    import fedsim_outside
+
+    return fedsim_outside
+
+
+@pytest.fixture
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             object_store_memory=100 * 1024 * 1024, _temp_dir=tempfile.mkdtemp(prefix="fsray-"))
+    yield ray
+    ray.shutdown()
+
+
+def updates(server_round: int, clients: list[int]) -> list[ObservedUpdate]:
+    spec = ModelSpec("lenet_zhu", 10, (3, 8, 8))
+    return [ObservedUpdate(round=server_round, client_id=c, model=spec, normalization=((0.5,) * 3, (0.5,) * 3),
+                           global_state={"w": np.zeros(2, np.float32)}, update={"w": np.ones(2, np.float32)},
+                           train_config={}, num_examples=1) for c in clients]
+
+
+class Rows:
+    def __init__(self):
+        self.rows = []
+
+    def __call__(self, observed, attack, outcome):
+        self.rows.append((observed.round, observed.client_id, attack, outcome))
+
+
+def wait_for_starts(path: Path, count: int, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while not (path.is_file() and len(path.read_text().split()) >= count):
+        assert time.time() < deadline, f"the attack did not start {count} times"
+        time.sleep(0.1)
+
+
+def test_an_attacker_killed_mid_attack_is_restarted_and_its_call_retried_once(outside, ray_local, tmp_path):
+    starts = tmp_path / "starts.txt"
+    rows = Rows()
+    pool = AttackerPool([{"name": "outside_sleep", "seconds": 4, "started_file": str(starts)}], ThreatModel(), rows,
+                        executor="ray", workers=1)
+    pool.submit(updates(1, [0, 1]))
+    wait_for_starts(starts, 1)
+    ray_local.kill(pool._actors[0], no_restart=False)  # mid-attack
+    pool.drain(timeout=120)
+    assert len(starts.read_text().split()) == 2  # ran again on the restarted worker
+    assert sorted((r, c) for r, c, _, _ in rows.rows) == [(1, 0), (1, 1)]  # once each, after the retry
+    assert all(not isinstance(outcome, BaseException) for *_, outcome in rows.rows), rows.rows
+    # killed again during its retry: the row becomes an error that names the death, and the pool goes on
+    rows.rows.clear()
+    pool.submit(updates(2, [0]))
+    for count in (3, 4):
+        wait_for_starts(starts, count)
+        ray_local.kill(pool._actors[0], no_restart=False)
+    pool.drain(timeout=120)
+    ((r, c, _, outcome),) = rows.rows
+    assert r == 2 and isinstance(outcome, ray_local.exceptions.RayActorError)
+    assert len(starts.read_text().split()) == 4  # not retried a second time
+    pool.close()
+
+
+def test_an_attack_past_its_timeout_becomes_a_failed_row_and_the_worker_recovers(outside, ray_local):
+    rows = Rows()
+    pool = AttackerPool([{"name": "outside_sleep", "seconds": 3600}, {"name": "outside_mean"}], ThreatModel(), rows,
+                        executor="ray", workers=1, timeout=3.0)
+    t0 = time.monotonic()
+    pool.submit(updates(1, [0]))  # the hung call, then outside_mean queued behind it on the same worker
+    pool.drain(timeout=120)
+    assert time.monotonic() - t0 < 60
+    by_attack = {a: outcome for _, _, a, outcome in rows.rows}
+    assert isinstance(by_attack["outside_sleep"], TimeoutError) and "attack.timeout=3" in str(by_attack["outside_sleep"])
+    assert not isinstance(by_attack["outside_mean"], BaseException)  # resubmitted to the restarted worker
+    pool.close()
+
+
+def client_fault_config(tmp_path, name, *overrides):
+    return load_config("experiments/quickstart.toml", [
+        f'name="{name}"', f'output_dir="{tmp_path}"', "federation.num_clients=4", "federation.clients_per_round=4",
+        "federation.rounds=3", "data.test_samples=50", "attack.clients_per_round=4",
+        'attacks=[{name="outside_mean"}]', 'defenses=[{name="outside_crash", round=2, client=1}]', *overrides])
+
+
+def test_a_client_that_raises_is_recorded_and_the_round_aggregates_the_others(tmp_path, data_dir, outside):
+    store = run_experiment(client_fault_config(tmp_path, "skip"), show_progress=False)
+    rounds = store.rounds.frame()
+    assert list(rounds["round"]) == [0, 1, 2, 3] and rounds["model_checksum"].nunique() == 4
+    failures = pd.read_parquet(store.root / "failures.parquet")
+    assert failures[["round", "client_id"]].values.tolist() == [[2, 1]]
+    assert "injected fault in client 1, round 2" in failures.reason[0]
+    leak = store.leakage.frame()
+    assert sorted(leak[leak["round"] == 2].client_id) == [0, 2, 3]  # no row for the failed reply
+    assert sorted(leak[leak["round"] == 3].client_id) == [0, 1, 2, 3]
+
+
+def test_a_client_that_raises_can_stop_the_run_naming_client_and_round(tmp_path, data_dir, outside):
+    cfg = client_fault_config(tmp_path, "stop", 'federation.on_client_error="stop"')
+    with pytest.raises(ClientFailure, match=r"client 1 failed in round 2: .*injected fault"):
+        run_experiment(cfg, show_progress=False)
+    assert list(pd.read_parquet(tmp_path / "stop" / "rounds.parquet")["round"]) == [0, 1]
