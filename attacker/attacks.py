@@ -18,7 +18,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from fedsim.contract import Attack, ObservedUpdate, Reconstruction, ThreatModel, build_attack
 from fedsim.data import denormalize
 from fedsim.models import build_model
-from fedsim.training import TrainConfig, step_schedule
+from fedsim.training import TrainConfig, load_public_state, step_schedule
 
 from .analytic import first_layer_is_linear, linear_layers, recover_layer_input
 from .engine import (SEARCH_SPACES, AttackEngine, EngineResult, EngineSpec, GroupSpec, InversionProblem, OptimizerSpec,
@@ -43,7 +43,7 @@ def public_model(observed: ObservedUpdate) -> torch.nn.Module:
     spec = observed.model
     model = build_model(spec.name, spec.num_classes, image_size=spec.image_shape[1], width=spec.width,
                         activation=spec.activation)
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in observed.global_state.items()}, strict=False)
+    load_public_state(model, {k: torch.from_numpy(np.array(v)) for k, v in observed.global_state.items()})
     return model
 
 
@@ -257,6 +257,9 @@ class GradInversion(OptimizationAttack):
     group_start: int = Field(default=0, ge=0)
     signed: bool = False
 
+    def check_threat(self, threat):
+        check_bn_source(self.bn, self.bn_source, threat)
+
     def engine_spec(self) -> EngineSpec:
         regs = [("tv", self.tv), ("l2", self.l2), ("bn", self.bn)]
         group = None
@@ -270,6 +273,12 @@ class GradInversion(OptimizationAttack):
 
     def side_information(self, observed, simulator, threat):
         return bn_targets(observed, simulator, threat, self.bn_source) if self.bn else {}
+
+
+def check_bn_source(bn: float, source: str, threat: ThreatModel) -> None:
+    if bn and source == "shared" and not threat.bn_stats_shared:
+        raise ValueError("bn_source=shared but the clients share no BatchNorm statistics (add the share_bn_stats "
+                         "defense, or use bn_source=auto or running)")
 
 
 def bn_targets(observed: list[ObservedUpdate], simulator: VictimSimulator, threat: ThreatModel,
@@ -300,6 +309,13 @@ class AnalyticRecovery(Attack):
     (exact for one image per update; a mixture for larger batches). Labels follow the threat model."""
 
     name: ClassVar[str] = "analytic"
+
+    def check(self, model):
+        victim = build_model(model.name, model.num_classes, image_size=model.image_shape[1], width=model.width,
+                             activation=model.activation)
+        if not first_layer_is_linear(victim):
+            raise ValueError(f"analytic recovery needs a victim whose first layer is fully connected (e.g. mlp), "
+                             f"not {model.name}")
 
     def reconstruct_many(self, observed, threat, *, device="cpu", seed=0):
         out = []

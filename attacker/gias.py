@@ -19,7 +19,7 @@ from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
 
 from fedsim.registry import register
 
-from .attacks import OptimizationAttack, bn_targets
+from .attacks import OptimizationAttack, bn_targets, check_bn_source
 from .engine import (REGULARIZERS, AttackEngine, CandidateContext, EngineResult, EngineSpec, InversionProblem,
                      OptimizerSpec, SearchSpace, Tensors)
 from .generators import build_generator, cinet_width, load_prior
@@ -236,6 +236,9 @@ class GenerativeAttack(OptimizationAttack):
 
     def check(self, model) -> None:
         self.prior_generator(model.image_shape)  # the prior must make the victim's images
+
+    def check_threat(self, threat) -> None:
+        check_bn_source(self.bn, self.bn_source, threat)
 
     def regularizers(self) -> tuple[tuple[str, float], ...]:
         return (("tv", self.tv), ("bn", self.bn))

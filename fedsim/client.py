@@ -16,7 +16,7 @@ from .contract import AuditRecord, ThreatModel
 from .data import ImageData
 from .defenses import Defense, DefenseContext, apply_pipeline
 from .seeds import round_seed
-from .training import TrainConfig, float_state, local_train, step_schedule
+from .training import TrainConfig, float_state, load_public_state, local_train, step_schedule
 
 
 @dataclass
@@ -39,7 +39,7 @@ def choose_samples(partition: np.ndarray, num_samples: int, seed: int, server_ro
 def client_round(model: nn.Module, global_state: dict[str, torch.Tensor], data: ImageData, sample_ids: np.ndarray,
                  cfg: TrainConfig, defenses: list[Defense], threat: ThreatModel, *, seed: int, server_round: int,
                  client_id: int) -> ClientReply:
-    model.load_state_dict(global_state, strict=False)
+    load_public_state(model, global_state)
     inputs, labels = data.model_input(sample_ids), data.label_tensor(sample_ids)
     schedule = step_schedule(cfg, np.random.default_rng(round_seed(seed, server_round, client_id, 1)))
     with torch.random.fork_rng(devices=[]):

@@ -169,7 +169,15 @@ class ExperimentConfig(Section):
         if self.attack.clients_per_round > self.federation.clients_per_round:
             raise ValueError(f"attack.clients_per_round ({self.attack.clients_per_round}) exceeds "
                              f"federation.clients_per_round ({self.federation.clients_per_round})")
+        if self.threat.labels == "known" and self.threat.secure_aggregation:
+            raise ValueError("threat.labels=known with threat.secure_aggregation=true: under secure aggregation "
+                             "the server sees only the round's sum, not a client's label list")
         cfg = self.client
+        if cfg.shuffle and cfg.mode == "fedavg" and self.threat.hyperparameters_known:
+            raise ValueError("client.shuffle=true makes the clients' sample order unknowable to the server, but "
+                             "threat.hyperparameters_known=true replays it step by step; set "
+                             "threat.hyperparameters_known=false (attack the update as one gradient) or "
+                             "client.shuffle=false")
         if cfg.mode == "fedsgd" and cfg.num_samples not in (None, cfg.batch_size):
             raise ValueError("client.num_samples must equal client.batch_size in fedsgd mode")
         return self

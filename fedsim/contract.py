@@ -208,6 +208,10 @@ class Attack(Registered):
     def check(self, model: ModelSpec) -> None:
         """Raise ValueError (one line) if this attack cannot run on ``model``: called before any work starts."""
 
+    def check_threat(self, threat: ThreatModel) -> None:
+        """Raise ValueError (one line) if this attack's settings need what ``threat`` does not give (e.g. shared
+        BatchNorm statistics): called before any work starts."""
+
     def end_round(self, server_round: int, *, device: str = "cpu", seed: int = 0, folder: Path | None = None) -> None:
         """Called after the round's updates were attacked (e.g. meta-steps of a learnt prior); ``folder`` is where
         the pool keeps this attack's state, for artefacts such as sample grids (None when nothing is kept)."""

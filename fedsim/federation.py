@@ -40,7 +40,7 @@ from .pool import AttackerPool
 from .protocol import ARRAYS, CONFIG, METRICS, reply_content
 from .results import RunDirectory
 from .seeds import attacker_root
-from .training import TrainConfig, evaluate_accuracy, float_state
+from .training import TrainConfig, evaluate_accuracy, float_state, load_public_state
 
 log = logging.getLogger("fedsim")
 QUERY_PARTITION = "partition"
@@ -142,9 +142,12 @@ def prepare(cfg: ExperimentConfig) -> Federation:
                         client_cpus=cfg.ray.client_cpus, client_gpus=cfg.ray.client_gpus,
                         attacker_gpus=attacker_gpus(cfg) if cfg.attacks else 0.0,
                         attacker_resources=cfg.attack.resources if cfg.attacks else None)
+    threat = cfg.threat_model()
     for i, attack in enumerate(cfg.attacks):
         try:
-            build_attack(attack).check(spec)
+            built = build_attack(attack)
+            built.check(spec)
+            built.check_threat(threat)
         except ValueError as err:
             raise ValueError(f"attacks.{i}: {err}") from None
     return Federation(cfg, plan, train, partitions, test.model_input(idx), test.label_tensor(idx), spec)
@@ -328,7 +331,7 @@ def _server_main(grid: Grid, session: Session) -> None:
             return None
         numpy_arrays = {k: v.numpy() for k, v in arrays.items()}
         session.store.checkpoints.save(server_round, numpy_arrays)  # before the row: a row implies its checkpoint
-        model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in numpy_arrays.items()}, strict=False)
+        load_public_state(model, {k: torch.from_numpy(v.copy()) for k, v in numpy_arrays.items()})
         acc, loss = evaluate_accuracy(model, fed.test_inputs, fed.test_labels)
         session.store.rounds.append({"round": server_round, "test_accuracy": acc, "test_loss": loss,
                                      "model_checksum": checksum(numpy_arrays), "time": time.time()})

@@ -72,6 +72,7 @@ def run_single(job: SingleUpdateJob, output: Path) -> list[LeakageRecord]:
                         checkpoint_key="--trained")
     spec = ModelSpec(job.model_name, data.num_classes, data.shape, job.width, job.activation)
     job.attack.check(spec)
+    job.attack.check_threat(job.threat)
     global_state = float_state(model)
     global_np = {k: v.numpy() for k, v in global_state.items()}
     store = RunDirectory(output)

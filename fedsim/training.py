@@ -110,6 +110,22 @@ def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
 
 
+def load_public_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load the arrays that travel (:func:`float_state`) strictly: every float entry of the model must be there
+    with its shape and nothing else may be (integer counters stay local). A silent partial load would leave the
+    seeded initial weights in place and publish convincing wrong numbers."""
+    expected = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"the public model does not fit {type(model).__name__}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ValueError(f"the public model does not fit {type(model).__name__}: {k} has shape "
+                             f"{tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+    model.load_state_dict(state, strict=False)  # only integer counters are left out, checked above
+
+
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> tuple[float, float]:
     """(accuracy, mean loss) of ``model`` in eval mode."""

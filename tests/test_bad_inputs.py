@@ -70,6 +70,14 @@ CASES = [
     ("bn shared without defense", run_set("threat.bn_stats_shared=true"), "share_bn_stats"),
     ("samples exceed partition", run_set('client.mode="fedavg"', "client.num_samples=100000"), "client.num_samples"),
     ("executor", run_set('attack.executor="threads"'), "attack.executor"),
+    # combinations that cannot be attacked as configured, refused before any round runs
+    ("known labels under secure aggregation", run_set('threat.labels="known"', "threat.secure_aggregation=true"),
+     "secure_aggregation"),
+    ("shuffled order replayed", run_set('client.mode="fedavg"', "client.num_samples=2", "client.shuffle=true"),
+     "client.shuffle"),
+    ("analytic on a conv victim", run_set('attacks=[{name="analytic"}]'), "attacks.0: analytic recovery needs"),
+    ("shared BN without the defense", run_set('attacks=[{name="gradinversion", bn_source="shared"}]'),
+     "bn_source=shared"),
     ("override syntax", ["run", QUICKSTART, "--set", "federation.rounds"], "expected key=value"),
     # devices and resources
     ("device tpu", run_set('device="tpu"'), "tpu"),
@@ -115,6 +123,8 @@ CASES = [
     ("attack parameter", [*ATTACK, "--param", "restarts=-3"], "restarts"),
     ("attack prior", [*ATTACK, "--attack", "gi_w", "--prior", "/nonexistent/prior.pt"], "/nonexistent/prior.pt"),
     ("attack data", lambda f: [*ATTACK, "--dataset", f"{f}/corrupt.npz"], "corrupt.npz"),
+    ("attack analytic on conv", ["attack", "--indices", "0-0", "--attack", "analytic"], "analytic recovery needs"),
+    ("attack shared BN", [*ATTACK, "--attack", "gradinversion", "--param", 'bn_source="shared"'], "bn_source=shared"),
     # fedsim experiment and train-victim
     ("experiment missing", ["experiment", "/nonexistent/table.toml"], "/nonexistent/table.toml"),
     ("experiment device", lambda f: ["experiment", f"{f}/cuda_experiment.toml", "--device", "cuda"], "--device"),

@@ -98,3 +98,5 @@ def test_fedavg_updates_with_several_local_steps_are_attacked(tmp_path, data_dir
     assert result.returncode == 0, result.stderr
     row = pd.read_parquet(out / "leakage.parquet").iloc[0]
     assert row.status == "ok" and row.batch_size == 4 and row.label_accuracy == 1.0 and row.label_method == "known"
+    # the replayed 4-step client is fitted: measured 0.21 cosine distance at 1 iteration, 0.056 at 30
+    assert row.update_cosine_distance < 0.1 and row.update_sign_agreement > 0.85

@@ -20,6 +20,22 @@ def test_gaussian_noise_has_the_configured_std():
     assert abs(values.mean().item()) < 0.03 * 0.05
 
 
+def test_noise_on_a_real_update_adds_exactly_the_stated_noise_after_clipping():
+    """On a non-zero update: observed minus clean has mean 0 and the stated std; with a clip, the noise is added to
+    the clipped update (observed minus the clipped update is the noise, and the clipped norm is the clip)."""
+    g = torch.Generator().manual_seed(3)
+    update = {"w": 5 * torch.randn(300_000, generator=g), "b": torch.randn(2000, generator=g) + 2}
+    noised = build_defense({"name": "gaussian_noise", "std": 0.02}).apply(update, ctx(1))
+    diff = torch.cat([noised[k] - update[k] for k in update])
+    assert abs(diff.std().item() / 0.02 - 1) < 0.05 and abs(diff.mean().item()) < 0.02 * 0.05
+    norm = global_norm(update).item()
+    clipped = {k: v * (10.0 / norm) for k, v in update.items()}
+    both = build_defense({"name": "gaussian_noise", "std": 0.02, "clip": 10.0}).apply(update, ctx(1))
+    noise = torch.cat([both[k] - clipped[k] for k in update])
+    assert abs(noise.std().item() / 0.02 - 1) < 0.05 and abs(noise.mean().item()) < 0.02 * 0.05
+    assert torch.allclose(noise, diff, atol=1e-5)  # the same seeded draw, added after clipping
+
+
 def test_gaussian_noise_clips_before_noising_and_is_seeded():
     update = {"w": torch.full((1000,), 1.0)}
     clipped = build_defense({"name": "gaussian_noise", "std": 0.0, "clip": 2.0}).apply(update, ctx())

@@ -92,3 +92,59 @@ def test_shared_batchnorm_statistics_reach_the_attacker_through_flower(tmp_path,
     run_experiment(small_config(tmp_path, "nobn", 'attacks=[{name="outside_spy"}]', 'attack.executor="inline"',
                                 'model.name="convnet"', "model.width=4", "federation.rounds=1"), show_progress=False)
     assert all("bn_stats" not in obs.shared for obs in SEEN)
+
+
+def test_the_attack_chain_replays_a_real_fedavg_client_to_float_precision(tmp_path, data_dir, spy):
+    """An observed update of round 2 (seed 5, BatchNorm victim, FedAvg with 4 local steps, shared BN statistics)
+    is matched to float precision by the client replay the attacker builds from it (public model loaded strictly,
+    the sent training config, the simulator), fed with the true images in their true order."""
+    import torch
+
+    from attacker.attacks import attacker_train_config, inversion_problem
+    from fedsim.client import choose_samples
+    from fedsim.federation import prepare
+    from fedsim.models import build_model
+    from fedsim.training import load_public_state
+
+    SEEN = spy
+    cfg = small_config(tmp_path, "chain", 'attacks=[{name="outside_spy"}]', 'attack.executor="inline"', "seed=5",
+                       'model.name="convnet"', "model.width=4", 'client.mode="fedavg"', "client.epochs=2",
+                       "client.batch_size=2", "client.num_samples=4", "client.lr=0.05",
+                       'defenses=[{name="share_bn_stats"}]')
+    run_experiment(cfg, show_progress=False)
+    fed, threat = prepare(cfg), cfg.threat_model()
+    late = [obs for obs in SEEN if obs.round == 2]
+    assert len(late) == 2
+    for obs in late:
+        ids = choose_samples(fed.partitions[obs.client_id], 4, cfg.seed, obs.round, obs.client_id)
+        x, y = fed.train.model_input(ids), fed.train.label_tensor(ids)
+        problem = inversion_problem([obs], attacker_train_config(obs, threat), [y.numpy()], "cpu")
+        assert len(problem.simulator.schedule) == 4  # 2 epochs x 2 mini-batches, replayed step by step
+        simulated = problem.simulator.update(x, y)
+        for key, target in problem.targets.items():
+            torch.testing.assert_close(simulated[key].detach(), target[0], rtol=1e-4, atol=1e-6, msg=key)
+        # the shared BN statistics are the client's true first-step batch statistics under the public model
+        model = build_model("convnet", 10, width=4, seed=123)  # another init: a partial load would show
+        load_public_state(model, {k: torch.from_numpy(v.copy()) for k, v in obs.global_state.items()})
+        true_stats, hooks = {}, []
+
+        def record(name):
+            def hook(_module, inputs):
+                true_stats[name] = (inputs[0].mean((0, 2, 3)), inputs[0].var((0, 2, 3), unbiased=False))
+            return hook
+
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                hooks.append(module.register_forward_pre_hook(record(name)))
+        model.train()
+        model(x[:2])  # the first local step's mini-batch
+        for h in hooks:
+            h.remove()
+        assert list(obs.shared["bn_stats"]) == list(true_stats)
+        for name, (mean, var) in true_stats.items():
+            shared_mean, shared_var = obs.shared["bn_stats"][name]
+            np.testing.assert_allclose(shared_mean, mean.detach().numpy(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(shared_var, var.detach().numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="does not fit"):  # a wrong public model is refused, never half-loaded
+        load_public_state(build_model("convnet", 10, width=8), {k: torch.from_numpy(v.copy())
+                                                               for k, v in late[0].global_state.items()})
