@@ -463,6 +463,8 @@ def run_experiment(cfg: ExperimentConfig, *, ray_address: str | None = None, res
                                 resources=cfg.attack.resources, timeout=cfg.attack.timeout,
                                 state_dir=store.attacker, on_submit=progress.attacks_submitted, done=done,
                                 on_round_done=store.queue.drop)
+        if pool is not None:  # which node runs which attacker worker (custom resources, GPU nodes)
+            (store.root / "attacker_workers.json").write_text(json.dumps(pool.placement(), indent=2))
         session = Session(fed, store, pool, evaluator, progress, finished=finished)
         with progress:
             progress.round_done(max(finished, 0))

@@ -128,6 +128,15 @@ class AttackWorker:
         """The states restored at start-up (attack key -> round)."""
         return dict(self.restored)
 
+    def where(self) -> dict[str, str]:
+        """The Ray node and host this worker runs on."""
+        import socket
+
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        return {"node_id": node, "host": socket.gethostname(), "pid": str(os.getpid())}
+
 
 @dataclass
 class _Task:
@@ -196,6 +205,14 @@ class AttackerPool:
         self._closed = False
         self._collector = threading.Thread(target=self._collect, name="attacker-collector", daemon=True)
         self._collector.start()
+
+    def placement(self, timeout: float = 300.0) -> list[dict[str, str]]:
+        """Where each worker runs (waits for the actors to start)."""
+        if self.executor == "inline":
+            return [self._inline.where()]
+        import ray
+
+        return ray.get([actor.where.remote() for actor in self._actors], timeout=timeout)
 
     def tasks(self, observed: list[ObservedUpdate],
               attack_indices: list[int] | None = None) -> list[tuple[int, int, list[ObservedUpdate]]]:
