@@ -122,7 +122,11 @@ def run_experiment_file(path: Path, overrides: list[str] | None = None, only: li
     # not overwrite the committed table with its own rows): then it goes to that output directory.
     moved = any(o.split("=", 1)[0].strip() == "output_dir" for o in overrides or [])
     table_md = out / f"{exp.name}.md" if moved else path.with_suffix(".md")
-    old = pd.read_parquet(previous) if previous.is_file() else None
+    # Every row of a committed table is also kept beside it (<name>.rows.parquet), so a fresh checkout that has no
+    # runs/ folder still merges new cases into the table instead of replacing it.
+    committed = table_md.with_suffix(".rows.parquet")
+    old = pd.read_parquet(previous) if previous.is_file() else (
+        pd.read_parquet(committed) if committed.is_file() else None)
     for case in exp.cases:
         if only and not any(o.lower() in case.name.lower() for o in only):
             continue
@@ -185,6 +189,7 @@ def _save(exp: Experiment, table_md: Path, table: Path, old: pd.DataFrame | None
     """Merge with earlier rows of other cases, persist, and rewrite the markdown table."""
     merged = new if old is None else pd.concat([old[~old.case.isin(new.case.unique())], new], ignore_index=True)
     merged.to_parquet(table, index=False)
+    merged.to_parquet(table_md.with_suffix(".rows.parquet"), index=False)
     table_md.write_text(markdown(exp, merged))
     return merged
 

@@ -6,7 +6,6 @@ interpreter start-up per case); a few run as real processes with a timeout, to s
 """
 
 import argparse
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,11 +32,12 @@ def files(tmp_path_factory):
     (d / "empty").mkdir()
     (d / "unreadable" / "cats").mkdir(parents=True)
     (d / "unreadable" / "cats" / "a.png").write_bytes(b"\x89PNG garbage, not an image")
-    (d / "corrupt.pt").write_bytes(os.urandom(256))
+    (d / "corrupt.pt").write_bytes(bytes(range(256)))  # neither a zip archive nor a pickle
     torch.save({"weights": argparse.Namespace(x=1)}, d / "objects.pt")
     torch.save(build_model("convnet", 10, width=8).state_dict(), d / "convnet.pt")
     torch.save(build_model("lenet_zhu", 100).state_dict(), d / "lenet_100_classes.pt")
     torch.save([1, 2, 3], d / "list.pt")
+    (d / "truncated.pt").write_bytes((d / "convnet.pt").read_bytes()[:300])
     (d / "broken.toml").write_text("[federation\nrounds = 3\n")
     (d / "unknown_section.toml").write_text("[federaton]\nrounds = 3\n")
     (d / "cuda_experiment.toml").write_text('name = "x"\ndataset = "cifar10"\nindices = "0-1"\n'
@@ -94,6 +94,7 @@ CASES = [
     ("other architecture", lambda f: run_set(f'model.checkpoint="{f}/convnet.pt"'), "does not fit model 'lenet_zhu'"),
     ("other class count", lambda f: run_set(f'model.checkpoint="{f}/lenet_100_classes.pt"'), "shape"),
     ("not a state dict", lambda f: run_set(f'model.checkpoint="{f}/list.pt"'), "not a state dict"),
+    ("truncated checkpoint", lambda f: run_set(f'model.checkpoint="{f}/truncated.pt"'), "truncated.pt"),
     ("missing prior", run_set('attacks=[{name="gi_w", prior="/nonexistent/prior.pt"}]'), "/nonexistent/prior.pt"),
     # data files
     ("missing data file", run_set('data.dataset="/nonexistent/cifar.npz"'), "/nonexistent/cifar.npz"),
