@@ -463,8 +463,14 @@ def run_experiment(cfg: ExperimentConfig, *, ray_address: str | None = None, res
                                 resources=cfg.attack.resources, timeout=cfg.attack.timeout,
                                 state_dir=store.attacker, on_submit=progress.attacks_submitted, done=done,
                                 on_round_done=store.queue.drop)
-        if pool is not None:  # which node runs which attacker worker (custom resources, GPU nodes)
-            (store.root / "attacker_workers.json").write_text(json.dumps(pool.placement(), indent=2))
+        if pool is not None:  # which node runs which attacker worker (custom resources, GPU nodes), written once
+            def record_placement() -> None:  # they are up, off the start-up path so Flower starts meanwhile
+                try:
+                    (store.root / "attacker_workers.json").write_text(json.dumps(pool.placement(), indent=2))
+                except Exception as err:  # noqa: BLE001 - informational only
+                    log.warning("could not record where the attacker workers run: %s", err)
+
+            threading.Thread(target=record_placement, name="attacker-placement", daemon=True).start()
         session = Session(fed, store, pool, evaluator, progress, finished=finished)
         with progress:
             progress.round_done(max(finished, 0))

@@ -155,10 +155,9 @@ def test_bad_input_is_one_line_and_exit_2(name, args, expected, files, data_dir,
     assert not (tmp_path / "out" / "leakage.parquet").exists()  # no work was done
 
 
-@pytest.mark.parametrize("argv", [run_set('device="cuda"'), run_set("attack.gpus_per_worker=0.5")])
-def test_gpu_requests_without_a_gpu_exit_at_once_as_a_process(argv, data_dir):
+def test_a_gpu_request_without_a_gpu_exits_at_once_as_a_process(data_dir):
     """The case that used to hang until killed (unschedulable attacker actors)."""
-    done = subprocess.run([sys.executable, "-m", "fedsim.cli", *argv], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)
+    done = subprocess.run([sys.executable, "-m", "fedsim.cli", *run_set('device="cuda"')], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
