@@ -33,31 +33,27 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _tensors(value):
-    """numpy arrays -> tensors, recursively (weights_only files hold tensors, not arrays)."""
+def _walk(value, leaf):
+    """``leaf`` applied to every value inside nested dicts, lists and tuples (containers keep their type)."""
+    if isinstance(value, dict):
+        return {k: _walk(v, leaf) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_walk(v, leaf) for v in value)
+    return leaf(value)
+
+
+def _tensor_leaf(value):  # weights_only files hold tensors, not numpy arrays
     if isinstance(value, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(value))
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, dict):
-        return {k: _tensors(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_tensors(v) for v in value)
-    return value
+    return value.item() if isinstance(value, np.generic) else value
 
 
-def _arrays(value):
-    if isinstance(value, torch.Tensor):
-        return value.numpy()
-    if isinstance(value, dict):
-        return {k: _arrays(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_arrays(v) for v in value)
-    return value
+def _array_leaf(value):
+    return value.numpy() if isinstance(value, torch.Tensor) else value
 
 
 def observed_to_record(observed: ObservedUpdate) -> dict:
-    record = {name: _tensors(getattr(observed, name)) for name in
+    record = {name: _walk(getattr(observed, name), _tensor_leaf) for name in
               ("round", "client_id", "normalization", "global_state", "update", "train_config", "num_examples",
                "shared", "defenses")}
     record["model"] = asdict(observed.model)
@@ -65,7 +61,7 @@ def observed_to_record(observed: ObservedUpdate) -> dict:
 
 
 def observed_from_record(record: dict) -> ObservedUpdate:
-    fields = {k: _arrays(v) for k, v in record.items() if k != "model"}
+    fields = {k: _walk(v, _array_leaf) for k, v in record.items() if k != "model"}
     spec = dict(record["model"])
     spec["image_shape"] = tuple(spec["image_shape"])
     return ObservedUpdate(model=ModelSpec(**spec), **fields)

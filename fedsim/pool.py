@@ -294,8 +294,10 @@ class AttackerPool:
                 refs = list(self._pending)
             ready, _ = ray.wait(refs, num_returns=1, timeout=0.5)
             for ref in ready:
+                # a call leaves _pending only once its rows are recorded or its retry is in flight, so drain()
+                # never returns while a row is still on its way
                 with self._cv:
-                    task = self._pending.pop(ref, None)
+                    task = self._pending.get(ref)
                 if task is None:  # timed out and recorded already
                     continue
                 try:
@@ -307,15 +309,20 @@ class AttackerPool:
                                     task.key, task.batch[0].round)
                         self._await_restart(task.worker)
                         self._launch(task)
+                        self._settle(ref)
                         continue
                     results = [(i, task.key, err) for i in range(len(task.batch))]
                 except Exception as err:  # noqa: BLE001 - every update of the batch gets an error row
                     results = [(i, task.key, err) for i in range(len(task.batch))]
                 self._deliver(task.batch, results)
-                with self._cv:
-                    self._cv.notify_all()
+                self._settle(ref)
             if self.timeout is not None:
                 self._enforce_timeout()
+
+    def _settle(self, ref) -> None:
+        with self._cv:
+            self._pending.pop(ref, None)
+            self._cv.notify_all()
 
     def _await_restart(self, worker: int, timeout: float = 120.0) -> None:
         """Until Ray has the actor back (a call sent while it restarts would fail again)."""
@@ -345,12 +352,12 @@ class AttackerPool:
                 if task.started is None:
                     task.started = now
                 elif now - task.started > self.timeout:
-                    del self._pending[ref]
-                    expired.append(task)
-        for task in expired:
+                    expired.append((ref, task))
+        for ref, task in expired:
             err = AttackTimeout(f"{task.key} ran past attack.timeout={self.timeout:g} s (round {task.batch[0].round})")
             log.warning("%s; restarting attacker worker %d", err, task.worker)
             self._deliver(task.batch, [(i, task.key, err) for i in range(len(task.batch))])
+            self._settle(ref)
             ray.kill(self._actors[task.worker], no_restart=False)
             time.sleep(1.0)  # the kill is asynchronous
             self._await_restart(task.worker)

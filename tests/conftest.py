@@ -47,3 +47,29 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+OUTSIDE_PLUGIN = Path(__file__).parent / "outside_plugin"  # a package with a dist-info, as pip would install it
+
+
+@pytest.fixture
+def outside(monkeypatch):
+    """The outside package (tests/outside_plugin), importable here and in Ray worker processes (PYTHONPATH)."""
+    monkeypatch.syspath_prepend(str(OUTSIDE_PLUGIN))
+    monkeypatch.setenv("PYTHONPATH", str(OUTSIDE_PLUGIN))
+    import fedsim_outside
+
+    return fedsim_outside
+
+
+@pytest.fixture
+def ray_local():
+    """A private one-CPU Ray instance for attacker-pool tests (no Flower)."""
+    import tempfile
+
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             object_store_memory=100 * 1024 * 1024, _temp_dir=tempfile.mkdtemp(prefix="fsray-"))
+    yield ray
+    ray.shutdown()

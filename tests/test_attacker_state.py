@@ -1,34 +1,14 @@
 """Stateful attacks: one owner per state, saved every round, restored on resume and when Ray restarts a worker."""
 
-import tempfile
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from fedsim.contract import ModelSpec, ObservedUpdate, ThreatModel
+from fedsim.contract import ThreatModel
 from fedsim.pool import AttackerPool, owner
 from fedsim.seeds import attack_seed
-
-OUTSIDE = Path(__file__).parent / "outside_plugin"
-
-
-@pytest.fixture
-def outside(monkeypatch):
-    monkeypatch.syspath_prepend(str(OUTSIDE))
-    monkeypatch.setenv("PYTHONPATH", str(OUTSIDE))  # for Ray worker processes
-    import fedsim_outside
-
-    return fedsim_outside
-
-
-def updates(server_round: int, clients: list[int]) -> list[ObservedUpdate]:
-    spec = ModelSpec("lenet_zhu", 10, (3, 8, 8))
-    return [ObservedUpdate(round=server_round, client_id=c, model=spec, normalization=((0.5,) * 3, (0.5,) * 3),
-                           global_state={"w": np.zeros(2, np.float32)}, update={"w": np.ones(2, np.float32)},
-                           train_config={}, num_examples=1) for c in clients]
+from observed import updates
 
 
 class Rows:
@@ -71,37 +51,32 @@ def test_a_global_state_has_one_owner_and_a_client_history_shards(outside):
 
 
 @pytest.mark.ray
-def test_a_killed_worker_restarts_with_its_saved_state(tmp_path, outside):
-    import ray
+def test_a_killed_worker_restarts_with_its_saved_state(tmp_path, outside, ray_local):
+    ray = ray_local
+    rows = Rows()
+    pool = AttackerPool([{"name": "outside_counter"}], ThreatModel(), rows, executor="ray", workers=2,
+                        state_dir=tmp_path / "attacker", seed_root=7)
+    pool.submit(updates(1, [0, 1, 2]))
+    pool.submit(updates(2, [3]))
+    pool.drain(timeout=120)
+    actor = pool._actors[owner(outside.CountingAttack, 0, 0, 2)]
+    assert ray.get(actor.ping.remote()) == {}  # started fresh
+    ray.kill(actor, no_restart=False)
+    deadline = time.time() + 60
+    restored = {}
+    while not restored:  # the kill is asynchronous; Ray then restarts the actor, whose __init__ reloads the state
+        try:
+            restored = ray.get(actor.ping.remote(), timeout=10)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+        if not restored:
+            assert time.time() < deadline, "the killed worker did not come back with its saved state"
+            time.sleep(0.5)
+    assert restored == {"outside_counter": 2}
+    rows.rows.clear()
+    pool.submit(updates(3, [5]))
+    pool.drain(timeout=120)
+    pool.close()
+    ((r, _, _, extra),) = rows.rows
+    assert r == 3 and extra["prior_meta_steps"] == 4 and extra["prior_round"] == 2
 
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             object_store_memory=100 * 1024 * 1024, _temp_dir=tempfile.mkdtemp(prefix="fsray-"))
-    try:
-        rows = Rows()
-        pool = AttackerPool([{"name": "outside_counter"}], ThreatModel(), rows, executor="ray", workers=2,
-                            state_dir=tmp_path / "attacker", seed_root=7)
-        pool.submit(updates(1, [0, 1, 2]))
-        pool.submit(updates(2, [3]))
-        pool.drain(timeout=120)
-        actor = pool._actors[owner(outside.CountingAttack, 0, 0, 2)]
-        assert ray.get(actor.ping.remote()) == {}  # started fresh
-        ray.kill(actor, no_restart=False)
-        deadline = time.time() + 60
-        restored = {}
-        while not restored:  # the kill is asynchronous; Ray then restarts the actor, whose __init__ reloads the state
-            try:
-                restored = ray.get(actor.ping.remote(), timeout=10)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                pass
-            if not restored:
-                assert time.time() < deadline, "the killed worker did not come back with its saved state"
-                time.sleep(0.5)
-        assert restored == {"outside_counter": 2}
-        rows.rows.clear()
-        pool.submit(updates(3, [5]))
-        pool.drain(timeout=120)
-        pool.close()
-        ((r, _, _, extra),) = rows.rows
-        assert r == 3 and extra["prior_meta_steps"] == 4 and extra["prior_round"] == 2
-    finally:
-        ray.shutdown()

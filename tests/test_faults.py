@@ -1,49 +1,19 @@
 """Faults injected for real: an attacker actor killed mid-attack, a hung attack, a client that raises in round 2."""
 
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
 from fedsim.config import load_config
-from fedsim.contract import ModelSpec, ObservedUpdate, ThreatModel
+from fedsim.contract import ThreatModel
 from fedsim.federation import run_experiment
 from fedsim.pool import AttackerPool
+from observed import updates
 from strategies.reproducible import ClientFailure
 
 pytestmark = pytest.mark.ray
-OUTSIDE = Path(__file__).parent / "outside_plugin"
-
-
-@pytest.fixture
-def outside(monkeypatch):
-    monkeypatch.syspath_prepend(str(OUTSIDE))
-    monkeypatch.setenv("PYTHONPATH", str(OUTSIDE))  # Ray worker processes inherit it
-    import fedsim_outside
-
-    return fedsim_outside
-
-
-@pytest.fixture
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             object_store_memory=100 * 1024 * 1024, _temp_dir=tempfile.mkdtemp(prefix="fsray-"))
-    yield ray
-    ray.shutdown()
-
-
-def updates(server_round: int, clients: list[int]) -> list[ObservedUpdate]:
-    spec = ModelSpec("lenet_zhu", 10, (3, 8, 8))
-    return [ObservedUpdate(round=server_round, client_id=c, model=spec, normalization=((0.5,) * 3, (0.5,) * 3),
-                           global_state={"w": np.zeros(2, np.float32)}, update={"w": np.ones(2, np.float32)},
-                           train_config={}, num_examples=1) for c in clients]
-
-
 class Rows:
     def __init__(self):
         self.rows = []
