@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,9 @@ class Federation:
     spec: ModelSpec
 
 
-def prepare(cfg: ExperimentConfig) -> Federation:
+def prepare(cfg: ExperimentConfig, *, checks: bool = True) -> Federation:
+    """Resolve data, partitions and the held-out set; with ``checks``, also everything that would otherwise fail
+    after Ray has started (checkpoint, device, resources, attack/threat fit). Client processes skip the checks."""
     d = cfg.data
     def absolute(p: str | None) -> str | None:  # client actors may run in another working directory
         return os.path.abspath(os.path.expanduser(p)) if p else None
@@ -132,6 +135,14 @@ def prepare(cfg: ExperimentConfig) -> Federation:
     n_test = len(test) if d.test_samples == 0 else min(d.test_samples, len(test))
     idx = np.arange(n_test)
     spec = ModelSpec(cfg.model.name, train.num_classes, train.shape, cfg.model.width, cfg.model.activation)
+    fed = Federation(cfg, plan, train, partitions, test.model_input(idx), test.label_tensor(idx), spec)
+    if checks:
+        _check_before_start(fed)
+    return fed
+
+
+def _check_before_start(fed: Federation) -> None:
+    cfg, spec = fed.cfg, fed.spec
     # the victim as the server builds it, so a missing, corrupt or mismatched checkpoint fails now, not after Ray
     build_model(cfg.model.name, spec.num_classes, image_size=spec.image_shape[1], width=cfg.model.width,
                 seed=cfg.seed, checkpoint=cfg.model.checkpoint, activation=cfg.model.activation)
@@ -150,7 +161,6 @@ def prepare(cfg: ExperimentConfig) -> Federation:
             built.check_threat(threat)
         except ValueError as err:
             raise ValueError(f"attacks.{i}: {err}") from None
-    return Federation(cfg, plan, train, partitions, test.model_input(idx), test.label_tensor(idx), spec)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -182,11 +192,26 @@ def _client_process_state(plan: ClientPlan) -> tuple[ImageData, torch.nn.Module,
     return data, model, [build_defense(dict(spec)) for spec in plan.defenses]
 
 
-def make_client_app(cfg: ExperimentConfig, data_plan: DataPlan, partitions: list[np.ndarray]) -> ClientApp:
+@dataclass(frozen=True)
+class ClientSide:
+    """A client process's whole view of the experiment: its plan and every client's partition (by partition id)."""
+
+    plan: ClientPlan
+    partitions: tuple[np.ndarray, ...]
+
+    @classmethod
+    def of(cls, fed: Federation) -> "ClientSide":
+        cfg = fed.cfg
+        plan = ClientPlan(cfg.model.name, cfg.model.width, cfg.model.activation, cfg.seed,
+                          max(1, int(cfg.ray.client_cpus)), fed.plan,
+                          tuple(tuple(sorted(d.items())) for d in cfg.defenses), cfg.threat.labels == "known")
+        return cls(plan, tuple(fed.partitions))
+
+
+def make_client_app(side_of: Callable[[Context], ClientSide]) -> ClientApp:
+    """The ClientApp; ``side_of`` gives a client process its view (by closure under ``fedsim run``, rebuilt from the
+    run config under ``flwr run``)."""
     app = ClientApp()
-    plan = ClientPlan(cfg.model.name, cfg.model.width, cfg.model.activation, cfg.seed, max(1, int(cfg.ray.client_cpus)), data_plan,
-                      tuple(tuple(sorted(d.items())) for d in cfg.defenses), cfg.threat.labels == "known")
-    threat = ThreatModel(labels="known" if plan.share_labels else "recovered")
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
@@ -195,12 +220,15 @@ def make_client_app(cfg: ExperimentConfig, data_plan: DataPlan, partitions: list
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        side = side_of(context)
+        plan = side.plan
+        threat = ThreatModel(labels="known" if plan.share_labels else "recovered")
         pid = int(context.node_config["partition-id"])
         server_round = int(msg.content[CONFIG]["server-round"])
         sent = TrainConfig.from_record(dict(msg.content[CONFIG]))
         data, model, defenses = _client_process_state(plan)
         global_state = {k: torch.from_numpy(v.numpy().copy()) for k, v in msg.content[ARRAYS].items()}
-        ids = choose_samples(partitions[pid], sent.num_samples, plan.seed, server_round, pid)
+        ids = choose_samples(side.partitions[pid], sent.num_samples, plan.seed, server_round, pid)
         reply = client_round(model, global_state, data, ids, sent, defenses, threat, seed=plan.seed,
                              server_round=server_round, client_id=pid)
         return Message(reply_content(reply, pid, global_state), reply_to=msg)
@@ -251,11 +279,24 @@ class Session:
         return count
 
 
-def _wait_for_nodes(grid: Grid, expected: int, timeout: float = 300.0) -> list[int]:
-    """run_simulation starts the ServerApp before every virtual node is registered: wait for all of them."""
+class FederationSizeError(ConfigError):
+    """The Flower federation has a different number of nodes than the experiment has clients."""
+
+
+def _wait_for_nodes(grid: Grid, expected: int, timeout: float = 300.0, settle: float = 5.0) -> list[int]:
+    """The Simulation Runtime starts the ServerApp before every virtual node is registered: wait for all of them.
+    A count that stays put at another size (a ``flwr run`` federation of the wrong size) is an error, not a hang."""
     deadline = time.monotonic() + timeout
-    while len(nodes := list(grid.get_node_ids())) < expected:
-        if time.monotonic() > deadline:
+    last, since = -1, time.monotonic()
+    while len(nodes := list(grid.get_node_ids())) != expected:
+        now = time.monotonic()
+        if len(nodes) != last:
+            last, since = len(nodes), now
+        elif last > 0 and now - since > settle:
+            raise FederationSizeError(
+                f"federation.num_clients={expected} but the Flower federation has {last} nodes "
+                f"(flwr run: --federation-config num-supernodes={expected})")
+        if now > deadline:
             raise TimeoutError(f"only {len(nodes)} of {expected} client nodes registered after {timeout} s")
         time.sleep(0.2)
     return nodes
@@ -424,13 +465,9 @@ def check_cluster(cfg: ExperimentConfig, address: str) -> None:
         raise ConfigError(str(err)) from None
 
 
-def run_experiment(cfg: ExperimentConfig, *, ray_address: str | None = None, resume: bool = False,
-                   show_progress: bool = True) -> RunDirectory:
-    """Run a configured federation with its attacks; returns the run directory (rows are written as they come)."""
-    import ray
-    from flwr.simulation import run_simulation
-
-    fed = prepare(cfg)
+def open_run_directory(cfg: ExperimentConfig, resume: bool) -> tuple[RunDirectory, int]:
+    """The run directory and the last round it finished (-1: fresh); a resume that would change the results is a
+    ConfigError before anything starts."""
     store = RunDirectory(cfg.run_dir, resume=resume)
     finished = -1
     if resume and (store.root / "config.json").is_file():
@@ -441,9 +478,53 @@ def run_experiment(cfg: ExperimentConfig, *, ray_address: str | None = None, res
         if finished > cfg.federation.rounds:
             raise ConfigError(f"--resume: federation.rounds={cfg.federation.rounds} but {finished} rounds finished")
     store.write_config(cfg.model_dump())
-    done = {(int(r["round"]), int(r["client_id"]), str(r["attack"])) for r in store.leakage.rows}
-    progress = Progress(cfg.federation.rounds, enabled=show_progress)
+    return store, finished
+
+
+def open_session(fed: Federation, store: RunDirectory, finished: int, progress: Progress | None = None) -> Session:
+    """Evaluator and attacker pool on the running Ray, and the backlog of a resumed run resubmitted."""
+    cfg = fed.cfg
+    progress = progress or Progress(cfg.federation.rounds, enabled=False)
     evaluator = pool = None
+    if cfg.attacks and cfg.attack.clients_per_round > 0:
+        done = {(int(r["round"]), int(r["client_id"]), str(r["attack"])) for r in store.leakage.rows}
+        train = fed.train
+        evaluator = LeakageEvaluator(lambda ids: (train.unit_tensor(ids), train.labels[ids]), store.leakage.append,
+                                     grid_dir=store.root / "grids", on_row=progress.attack_done,
+                                     on_audit=store.queue.put_audit)
+        pool = AttackerPool(cfg.attacks, cfg.threat_model(), evaluator.record, executor=cfg.attack.executor,
+                            workers=cfg.attack.workers, threads=cfg.attack.threads, device=cfg.device,
+                            seed_root=attacker_root(cfg.seed), gpus_per_worker=attacker_gpus(cfg),
+                            resources=cfg.attack.resources, timeout=cfg.attack.timeout,
+                            state_dir=store.attacker, on_submit=progress.attacks_submitted, done=done,
+                            on_round_done=store.queue.drop)
+
+        def record_placement() -> None:  # which node runs which attacker worker, off the start-up path
+            try:
+                (store.root / "attacker_workers.json").write_text(json.dumps(pool.placement(), indent=2))
+            except Exception as err:  # noqa: BLE001 - informational only
+                log.warning("could not record where the attacker workers run: %s", err)
+
+        threading.Thread(target=record_placement, name="attacker-placement", daemon=True).start()
+    session = Session(fed, store, pool, evaluator, progress, finished=finished)
+    if pool is not None:
+        session.submit_backlog()  # before new rounds: stateful attacks see rounds in order
+    return session
+
+
+def run_experiment(cfg: ExperimentConfig, *, ray_address: str | None = None, resume: bool = False,
+                   show_progress: bool = True) -> RunDirectory:
+    """Run a configured federation with its attacks; returns the run directory (rows are written as they come).
+
+    This drives Flower's Simulation Runtime in-process (``run_simulation``), so the driver owns Ray (a private temp
+    dir, ``--ray-address``), validates before Ray starts and shows progress; ``flwr run .`` runs the same apps
+    (``fedsim.flower_app``) under Flower's own process-isolated runtime."""
+    import ray
+    from flwr.simulation import run_simulation
+
+    fed = prepare(cfg)
+    store, finished = open_run_directory(cfg, resume)
+    progress = Progress(cfg.federation.rounds, enabled=show_progress)
     address = ray_address or cfg.ray.address
     init_args = _ray_settings(cfg, address)
     logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -452,40 +533,19 @@ def run_experiment(cfg: ExperimentConfig, *, ray_address: str | None = None, res
     try:
         if address:
             check_cluster(cfg, address)
-        if cfg.attacks and cfg.attack.clients_per_round > 0:
-            train = fed.train
-            evaluator = LeakageEvaluator(lambda ids: (train.unit_tensor(ids), train.labels[ids]), store.leakage.append,
-                                         grid_dir=store.root / "grids", on_row=progress.attack_done,
-                                         on_audit=store.queue.put_audit)
-            pool = AttackerPool(cfg.attacks, cfg.threat_model(), evaluator.record, executor=cfg.attack.executor,
-                                workers=cfg.attack.workers, threads=cfg.attack.threads, device=cfg.device,
-                                seed_root=attacker_root(cfg.seed), gpus_per_worker=attacker_gpus(cfg),
-                                resources=cfg.attack.resources, timeout=cfg.attack.timeout,
-                                state_dir=store.attacker, on_submit=progress.attacks_submitted, done=done,
-                                on_round_done=store.queue.drop)
-        if pool is not None:  # which node runs which attacker worker (custom resources, GPU nodes), written once
-            def record_placement() -> None:  # they are up, off the start-up path so Flower starts meanwhile
-                try:
-                    (store.root / "attacker_workers.json").write_text(json.dumps(pool.placement(), indent=2))
-                except Exception as err:  # noqa: BLE001 - informational only
-                    log.warning("could not record where the attacker workers run: %s", err)
-
-            threading.Thread(target=record_placement, name="attacker-placement", daemon=True).start()
-        session = Session(fed, store, pool, evaluator, progress, finished=finished)
         with progress:
             progress.round_done(max(finished, 0))
-            if pool is not None:
-                session.submit_backlog()  # before new rounds: stateful attacks see rounds in order
+            session = open_session(fed, store, finished, progress)
             if finished < cfg.federation.rounds:
                 backend = {"client_resources": {"num_cpus": cfg.ray.client_cpus, "num_gpus": cfg.ray.client_gpus},
                            "init_args": {}}
-                run_simulation(server_app=make_server_app(session),
-                               client_app=make_client_app(cfg, fed.plan, fed.partitions),
+                side = ClientSide.of(fed)
+                run_simulation(server_app=make_server_app(session), client_app=make_client_app(lambda _: side),
                                num_supernodes=cfg.federation.num_clients, backend_config=backend)
             else:
                 session.done.set()
-            if pool is not None:
-                pool.close()
+            if session.pool is not None:
+                session.pool.close()
         if session.error is not None:
             raise session.error
         if not session.done.is_set():

@@ -73,3 +73,17 @@ def ray_local():
              object_store_memory=100 * 1024 * 1024, _temp_dir=tempfile.mkdtemp(prefix="fsray-"))
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, data_dir) -> Path:
+    """The run directory of one uninterrupted ``fedsim run`` (tests/reference_run.py), shared by every test that
+    compares another way of running the same experiment against it."""
+    import subprocess
+
+    from reference_run import ROOT, command
+
+    tmp = tmp_path_factory.mktemp("reference")
+    done = subprocess.run(command(tmp, "reference"), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return tmp / "reference"

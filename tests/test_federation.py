@@ -31,19 +31,23 @@ def small_config(tmp_path, name, *overrides):
         *overrides])
 
 
-def test_tee_and_attacks_leave_the_global_model_bit_identical(tmp_path, data_dir):
-    on = run_experiment(small_config(tmp_path, "on"), show_progress=False)
-    off = run_experiment(small_config(tmp_path, "off", "attacks=[]"), show_progress=False)
-    rounds_on, rounds_off = on.rounds.frame(), off.rounds.frame()
-    assert list(rounds_on["round"]) == [0, 1, 2]
+def test_tee_and_attacks_leave_the_global_model_bit_identical(tmp_path, reference):
+    """The shared reference run (tee on, IG on 2 clients per round) against the same experiment with no attacks."""
+    from reference_run import OVERRIDES, ROOT, ROUNDS
+
+    cfg = load_config(ROOT / "experiments" / "quickstart.toml",
+                      [f'output_dir="{tmp_path}"', 'name="off"', *OVERRIDES, "attacks=[]"])
+    off = run_experiment(cfg, show_progress=False)
+    rounds_on, rounds_off = pd.read_parquet(reference / "rounds.parquet"), off.rounds.frame()
+    assert list(rounds_on["round"]) == list(range(ROUNDS + 1))
     assert list(rounds_on["model_checksum"]) == list(rounds_off["model_checksum"])
-    assert rounds_on["model_checksum"].nunique() == 3  # the model does change every round
-    leak = pd.read_parquet(on.root / "leakage.parquet")
-    assert sorted(leak["round"].unique()) == [1, 2]
-    assert len(leak) == 4 and (leak.status == "ok").all()
+    assert rounds_on["model_checksum"].nunique() == ROUNDS + 1  # the model does change every round
+    leak = pd.read_parquet(reference / "leakage.parquet")
+    assert sorted(leak["round"].unique()) == list(range(1, ROUNDS + 1))
+    assert len(leak) == 2 * ROUNDS and (leak.status == "ok").all()
     assert np.isfinite(leak[["psnr_mean", "ssim_mean"]].to_numpy()).all()
     assert (leak.label_accuracy == 1.0).all()  # iDLG is exact for one image on LeNet(Zhu)
-    assert (on.root / "grids" / "round_001.png").is_file() and (on.root / "config.json").is_file()
+    assert (reference / "grids" / "round_001.png").is_file() and (reference / "config.json").is_file()
     assert not (off.root / "leakage.parquet").exists()
 
 

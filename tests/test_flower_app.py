@@ -1,0 +1,69 @@
+"""fedsim as a Flower app: ``flwr run .`` under Flower's own runtime (a local SuperLink in simulation mode, the
+ServerApp in its own process) gives the same run directory as ``fedsim run`` for the same experiment."""
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from reference_run import OVERRIDES, ROOT, assert_same_results, table
+
+pytestmark = pytest.mark.ray
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_processes_mentioning(text: str) -> None:
+    """The local SuperLink outlives ``flwr run`` (it is detached); its SuperExec follows its parent."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def flower_env(tmp_path):
+    home = tmp_path / "flwr-home"
+    env = dict(os.environ, FLWR_HOME=str(home), RAY_TMPDIR=tempfile.mkdtemp(prefix="fsflwr-"),
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_TELEMETRY_ENABLED="0",
+               FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
+    yield env
+    kill_processes_mentioning(str(home))
+
+
+def flwr_run(env: dict, overrides: list[str], supernodes: int) -> str:
+    run_config = "set='" + " ".join(overrides) + "'"
+    done = subprocess.run(["flwr", "run", ".", "--run-config", run_config, "--federation-config",
+                           f"num-supernodes={supernodes} client-resources-num-cpus=1", "--stream"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout + done.stderr
+
+
+def test_flwr_run_equals_fedsim_run(reference, flower_env, tmp_path):
+    out = tmp_path / "runs"
+    log = flwr_run(flower_env, [f"output_dir={out}", "name=flower", *OVERRIDES], supernodes=4)
+    assert_same_results(out / "flower", reference)
+    assert (out / "flower" / "attacker_workers.json").is_file()
+
+
+def test_flwr_run_with_the_wrong_federation_size_fails_with_one_line(data_dir, flower_env, tmp_path):
+    out = tmp_path / "runs"
+    log = flwr_run(flower_env, [f"output_dir={out}", "name=small", "federation.num_clients=4",
+                                "federation.rounds=1", "attack.clients_per_round=0"], supernodes=2)
+    assert "federation.num_clients=4 but the Flower federation has 2 nodes" in log, log[-2000:]
+    assert "--federation-config num-supernodes=4" in log
+    assert len(table(out / "small" / "rounds.parquet")) == 0
