@@ -10,8 +10,9 @@ Rows per batch size (same target FedSGD gradient of CIFAR-10 test images, as in 
   process on the warm cache (``TORCHINDUCTOR_CACHE_DIR`` persists between runs; what every later attack pays);
 - ``fused round``: the updates of ``--clients`` clients of one round inverted as one computation (the attacker
   pool's ``reconstruct_many``), per image-iteration against one client at a time;
-- ``floor``: one forward and double backward of the stacked candidates' matching loss with no optimiser, no
-  regulariser and no bookkeeping (the compute the step cannot avoid on this path);
+- ``step alone``: the stacked path's loss-and-gradient function called directly, no optimiser, projection or
+  bookkeeping around it (if it costs what the whole iteration costs, the loop adds nothing and the step is the
+  floor of this path);
 - breaching, one restart after another.
 
 "break-even iterations" is compile seconds / (ms saved per iteration): a compiled attack pays only past it.
@@ -148,7 +149,7 @@ def main() -> None:
         rows.append(("vmap + compile, warm cache", warm["ms"], B * R, warm["warm_s"] - vmap["warm_s"]))
         fused = subprocess_one(B, args.clients, R, N, args.threads, {"batching": "stacked"})
         rows.append((f"fused round ({args.clients} clients, stacked)", fused["ms"], args.clients * B * R, None))
-        rows.append(("floor (stacked loss + double backward)", floor_ms(B, R), B * R, None))
+        rows.append(("step alone (stacked, no optimiser)", floor_ms(B, R), B * R, None))
         breach = None
         if args.breaching_python:
             model, update, gradient, labels, unit, mean, std = make_case("lenet_zhu", B, 64)
