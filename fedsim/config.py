@@ -75,6 +75,13 @@ class FederationConfig(Section):
     # a client that raises: "skip" records it in failures.parquet and aggregates the others; "stop" ends the run
     # with one line naming the client and round
     on_client_error: Literal["skip", "stop"] = "skip"
+    # "fixed": exactly clients_per_round clients per round; "poisson": each client independently with probability
+    # clients_per_round / num_clients (the sampling the DP accountant's bound assumes; a round may have none)
+    sampling: Literal["fixed", "poisson"] = "fixed"
+
+    @property
+    def sample_rate(self) -> float:
+        return self.clients_per_round / self.num_clients
 
     @model_validator(mode="after")
     def _fits(self):
@@ -129,6 +136,10 @@ class AttackSettings(Section):
     timeout: float | None = Field(default=None, gt=0.0)
 
 
+class PrivacyConfig(Section):
+    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)  # the delta epsilon is reported for (rounds.parquet)
+
+
 class RayConfig(Section):
     address: str | None = None  # join an existing cluster (e.g. "auto" or "ray://host:10001")
     num_cpus: int | None = Field(default=None, ge=1)  # local cluster size (default: all cores)
@@ -150,6 +161,7 @@ class ExperimentConfig(Section):
     threat: ThreatConfig = Field(default_factory=ThreatConfig)
     attack: AttackSettings = Field(default_factory=AttackSettings)
     attacks: list[dict[str, Any]] = Field(default_factory=list)  # [{name = "inverting_gradients", ...}, ...]
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @field_validator("defenses", "attacks")
@@ -180,7 +192,24 @@ class ExperimentConfig(Section):
                              "client.shuffle=false")
         if cfg.mode == "fedsgd" and cfg.num_samples not in (None, cfg.batch_size):
             raise ValueError("client.num_samples must equal client.batch_size in fedsgd mode")
+        self._resolve_privacy()
         return self
+
+    def _resolve_privacy(self) -> None:
+        """A DP defense given a target ``epsilon`` gets the noise multiplier that reaches it after the configured
+        rounds at privacy.delta and the federation's sampling rate (written into its spec, so clients use it)."""
+        from .privacy import noise_for_epsilon
+
+        for spec in self.defenses:
+            if spec.get("name") == "client_dp" and spec.get("epsilon") is not None and spec.get("noise_multiplier") is None:
+                spec["noise_multiplier"] = noise_for_epsilon(float(spec["epsilon"]), self.federation.sample_rate,
+                                                             self.federation.rounds, self.privacy.delta)
+
+    def privacy_mechanisms(self):
+        """The DP mechanisms of the defense pipeline, for the server's accountant."""
+        train = self.client.train_config()
+        found = (d.mechanism(self.federation.sample_rate, train) for d in self.build_defenses())
+        return [m for m in found if m is not None]
 
     # Derived views -------------------------------------------------------------------------------------------
     def threat_model(self) -> ThreatModel:

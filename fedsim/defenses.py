@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .params import Registered
+from .privacy import Mechanism
+from .training import TrainConfig
 from .registry import PluginRegistry, build_from_spec
 
 DEFENSES = PluginRegistry("fedsim.defenses", "defense")
@@ -41,6 +43,14 @@ class Defense(Registered):
     def apply(self, update: dict[str, torch.Tensor], ctx: DefenseContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def check(self, model: torch.nn.Module) -> None:
+        """Refuse (ValueError) a victim this defense cannot protect, before the run starts."""
+
+    def mechanism(self, sample_rate: float, train: TrainConfig) -> Mechanism | None:
+        """The DP mechanism this defense implements, for the server's accountant (None: no DP guarantee).
+        ``sample_rate``: the chance a client is sampled in a round; ``train``: the configuration clients train with."""
+        return None
+
     def tag(self) -> str:
         params = ",".join(f"{k}={v}" for k, v in self.model_dump().items() if v is not None)
         return f"{self.name}({params})" if params else self.name
@@ -50,10 +60,17 @@ def global_norm(update: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.sqrt(sum(v.double().pow(2).sum() for v in update.values()))
 
 
+def clip_update(update: dict[str, torch.Tensor], clip: float) -> dict[str, torch.Tensor]:
+    """Scale the whole update down to L2 norm ``clip`` (never up)."""
+    scale = min(1.0, clip / max(global_norm(update).item(), 1e-12))
+    return {k: v * scale for k, v in update.items()}
+
+
 class GaussianNoise(Defense):
     """Clip the whole update to L2 norm ``clip`` (if set), then add N(0, std^2) to every coordinate.
 
-    This is the local mechanism of DP-SGD-style clients; the privacy accounting is separate (see Opacus)."""
+    An absolute noise level, for reproducing the papers' settings: **not a DP guarantee** (no accounting; use
+    ``client_dp`` for one)."""
 
     name: ClassVar[str] = "gaussian_noise"
     std: float = Field(ge=0.0)
@@ -61,9 +78,45 @@ class GaussianNoise(Defense):
 
     def apply(self, update, ctx):
         if self.clip is not None:
-            scale = min(1.0, self.clip / max(global_norm(update).item(), 1e-12))
-            update = {k: v * scale for k, v in update.items()}
+            update = clip_update(update, self.clip)
         return {k: v + self.std * torch.randn(v.shape, generator=ctx.generator, dtype=v.dtype) for k, v in update.items()}
+
+
+class ClientDP(Defense):
+    """Client-level DP-FedAvg: clip the whole update to L2 norm ``clip``, add N(0, (noise_multiplier * clip)^2) to
+    every coordinate. Give ``noise_multiplier``, or ``epsilon`` and the config resolves the multiplier that reaches it
+    after ``federation.rounds`` rounds (at ``privacy.delta``, with the federation's client sampling rate).
+
+    Adding or removing one client changes the round's sum by at most ``clip``; each client's own noise has std
+    ``noise_multiplier * clip``, so accounting one Gaussian mechanism per round at ``noise_multiplier`` with sampling
+    rate clients_per_round / num_clients is an upper bound on the leak of the sum (the sum carries more noise)."""
+
+    name: ClassVar[str] = "client_dp"
+    clip: float = Field(gt=0.0)
+    noise_multiplier: float | None = Field(default=None, ge=0.0)
+    epsilon: float | None = Field(default=None, gt=0.0)  # target; resolved into noise_multiplier by the config
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if self.noise_multiplier is None and self.epsilon is None:
+            raise ValueError("client_dp needs noise_multiplier or epsilon")
+        return self
+
+    def check(self, model):
+        buffers = [k for k, _ in model.named_buffers() if k.endswith("running_mean")]
+        if buffers:
+            raise ValueError(f"client_dp on a victim with BatchNorm: its running statistics ({buffers[0]}, ...) would "
+                             "leave the client un-noised, outside the guarantee; use a victim without BatchNorm")
+
+    def apply(self, update, ctx):
+        if self.noise_multiplier is None:
+            raise ValueError("client_dp: epsilon was not resolved into a noise_multiplier (resolve_privacy)")
+        clipped = clip_update(update, self.clip)
+        std = self.noise_multiplier * self.clip
+        return {k: v + std * torch.randn(v.shape, generator=ctx.generator, dtype=v.dtype) for k, v in clipped.items()}
+
+    def mechanism(self, sample_rate, train):
+        return Mechanism(self.tag(), float(self.noise_multiplier or 0.0), sample_rate, 1)
 
 
 class TopK(Defense):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -38,6 +39,7 @@ from .defenses import build_defense
 from .evaluation import LeakageEvaluator
 from .models import build_model
 from .pool import AttackerPool
+from .privacy import PrivacyLedger
 from .protocol import ARRAYS, CONFIG, METRICS, reply_content
 from .results import RunDirectory
 from .seeds import attacker_root
@@ -144,8 +146,13 @@ def prepare(cfg: ExperimentConfig, *, checks: bool = True) -> Federation:
 def _check_before_start(fed: Federation) -> None:
     cfg, spec = fed.cfg, fed.spec
     # the victim as the server builds it, so a missing, corrupt or mismatched checkpoint fails now, not after Ray
-    build_model(cfg.model.name, spec.num_classes, image_size=spec.image_shape[1], width=cfg.model.width,
-                seed=cfg.seed, checkpoint=cfg.model.checkpoint, activation=cfg.model.activation)
+    victim = build_model(cfg.model.name, spec.num_classes, image_size=spec.image_shape[1], width=cfg.model.width,
+                         seed=cfg.seed, checkpoint=cfg.model.checkpoint, activation=cfg.model.activation)
+    for i, defense in enumerate(cfg.build_defenses()):
+        try:
+            defense.check(victim)
+        except ValueError as err:
+            raise ValueError(f"defenses.{i}: {err}") from None
     if not cfg.ray.address:  # on a cluster the GPUs are the cluster's: checked once Ray is up (check_cluster)
         check_device(cfg.device)
         check_resources(cpus=cfg.ray.num_cpus or os.cpu_count() or 1,
@@ -355,7 +362,7 @@ def _server_main(grid: Grid, session: Session) -> None:
 
     strategy = ReproducibleSampling(inner, partition_of, cfg.federation.clients_per_round, cfg.seed,
                                     fail_on_client_error=cfg.federation.on_client_error == "stop",
-                                    on_failure=client_failed)
+                                    on_failure=client_failed, poisson=cfg.federation.sampling == "poisson")
     if session.pool is not None:
         view = ServerView(fed.spec, (fed.train.mean, fed.train.std), cfg.threat_model(),
                           tuple(d.tag() for d in cfg.build_defenses()))
@@ -365,17 +372,25 @@ def _server_main(grid: Grid, session: Session) -> None:
         strategy = HonestButCurious(strategy, tee)  # outermost: it sees replies exactly as they arrive
 
     strategy = Continued(strategy, start)  # rounds keep their numbers after a resume
+    mechanisms = cfg.privacy_mechanisms()
+    ledger = PrivacyLedger(mechanisms, cfg.privacy.delta) if mechanisms else None
+    for _ in range(start if ledger else 0):  # resume: the rounds already released
+        ledger.advance()
 
     def evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         server_round = flower_round + start
         if server_round == session.finished:  # the resumed-from round: its row and checkpoint exist
             return None
+        if ledger is not None and server_round > 0:
+            ledger.advance()  # this round's updates were released
         numpy_arrays = {k: v.numpy() for k, v in arrays.items()}
         session.store.checkpoints.save(server_round, numpy_arrays)  # before the row: a row implies its checkpoint
         load_public_state(model, {k: torch.from_numpy(v.copy()) for k, v in numpy_arrays.items()})
         acc, loss = evaluate_accuracy(model, fed.test_inputs, fed.test_labels)
         session.store.rounds.append({"round": server_round, "test_accuracy": acc, "test_loss": loss,
-                                     "model_checksum": checksum(numpy_arrays), "time": time.time()})
+                                     "model_checksum": checksum(numpy_arrays),
+                                     "epsilon": ledger.epsilon() if ledger is not None else math.nan,
+                                     "time": time.time()})
         if session.progress is not None:
             session.progress.round_done(server_round)
         return MetricRecord({"accuracy": acc, "loss": loss})

@@ -43,11 +43,12 @@ class _SampledGrid:
 class ReproducibleSampling(Strategy):
     def __init__(self, inner: Strategy, partition_of: dict[int, int], clients_per_round: int, seed: int,
                  fail_on_client_error: bool = True,
-                 on_failure: Callable[[int, int, str], None] | None = None) -> None:
+                 on_failure: Callable[[int, int, str], None] | None = None, poisson: bool = False) -> None:
         """``inner`` must train on every node it is shown (e.g. ``FedAvg(fraction_train=1.0, min_train_nodes=1,
         min_available_nodes=1)``); ``partition_of`` maps node id to partition id. A client that replies with an
         error either stops the run (``fail_on_client_error``) or is reported to ``on_failure(round, client,
-        reason)`` and left out of the round's aggregate."""
+        reason)`` and left out of the round's aggregate. ``poisson``: each client is sampled independently with
+        probability clients_per_round / number of clients (a round may sample none: the model then stays)."""
         self.inner = inner
         self.partition_of = dict(partition_of)
         self.node_of = {pid: nid for nid, pid in self.partition_of.items()}
@@ -55,16 +56,22 @@ class ReproducibleSampling(Strategy):
         self.seed = seed
         self.fail_on_client_error = fail_on_client_error
         self.on_failure = on_failure
+        self.poisson = poisson
 
     def sample(self, server_round: int) -> list[int]:
         """Partition ids sampled in ``server_round`` (sorted)."""
         rng = np.random.default_rng([self.seed, server_round, 7])
         pids = sorted(self.node_of)
+        if self.poisson:
+            chosen = rng.random(len(pids)) < self.clients_per_round / len(pids)
+            return [int(p) for p, c in zip(pids, chosen) if c]
         return sorted(int(p) for p in rng.choice(pids, size=self.clients_per_round, replace=False))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         nodes = [self.node_of[p] for p in self.sample(server_round)]
+        if not nodes:  # Poisson sampling drew nobody: no messages (the inner strategy would wait for nodes)
+            return []
         return self.inner.configure_train(server_round, arrays, config, _SampledGrid(grid, nodes))
 
     def order(self, replies: Iterable[Message]) -> list[Message]:
@@ -75,6 +82,8 @@ class ReproducibleSampling(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = self.order(replies)
+        if not replies:  # nobody was sampled: the global model stays as it is
+            return None, None
         failed = [m for m in replies if m.has_error()]
         if failed and self.fail_on_client_error:
             first = failed[0]

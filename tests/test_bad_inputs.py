@@ -61,6 +61,11 @@ CASES = [
     ("unknown attack", run_set('attacks.0.name="nope"'), "nope"),
     ("unknown defense", run_set('defenses=[{name="nope"}]'), "nope"),
     ("defense parameter", run_set('defenses=[{name="topk", fraction=2}]'), "defenses.0.fraction"),
+    ("client_dp without noise", run_set('defenses=[{name="client_dp", clip=1.0}]'), "noise_multiplier or epsilon"),
+    ("client_dp on BatchNorm", run_set('model.name="convnet"', 'defenses=[{name="client_dp", clip=1.0, '
+                                       'noise_multiplier=1.0}]'), "defenses.0: client_dp on a victim with BatchNorm"),
+    ("dp delta", run_set("privacy.delta=2"), "privacy.delta"),
+    ("client sampling", run_set('federation.sampling="random"'), "federation.sampling"),
     ("unknown model", run_set('model.name="resnet1000"'), "resnet1000"),
     ("threat labels", run_set('threat.labels="maybe"'), "threat.labels"),
     ("client mode", run_set('client.mode="fedprox"'), "client.mode"),

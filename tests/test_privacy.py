@@ -1,0 +1,122 @@
+"""Differential privacy with accounting: client_dp's noise and clipping, the epsilon column against Opacus's
+RDPAccountant, target-epsilon resolution, Poisson client sampling and the victims client_dp refuses."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fedsim.config import load_config
+from fedsim.defenses import DefenseContext, build_defense, clip_update, global_norm
+from fedsim.privacy import Mechanism, PrivacyLedger, epsilon
+
+SMALL = ["federation.num_clients=6", "federation.clients_per_round=2", "federation.rounds=3", "data.test_samples=50",
+         "attacks=[]"]
+
+
+def ctx(seed: int) -> DefenseContext:
+    return DefenseContext(generator=torch.Generator().manual_seed(seed))
+
+
+def test_client_dp_noise_has_the_stated_std_and_clipping_never_exceeds_clip():
+    g = torch.Generator().manual_seed(0)
+    update = {"w": 3.0 * torch.randn(400, 250, generator=g), "b": torch.randn(250, generator=g) + 1.0}
+    dp = build_defense({"name": "client_dp", "clip": 2.0, "noise_multiplier": 0.7})
+    clipped = clip_update(update, 2.0)
+    assert global_norm(clipped).item() == pytest.approx(2.0, rel=1e-6)
+    stds, means = [], []
+    for seed in range(5):
+        noisy = dp.apply(update, ctx(seed))
+        noise = torch.cat([(noisy[k] - clipped[k]).flatten() for k in update])
+        stds.append(noise.std().item())
+        means.append(noise.mean().item())
+    assert np.mean(stds) == pytest.approx(0.7 * 2.0, rel=0.05)  # noise_multiplier x clip, per coordinate
+    assert abs(np.mean(means)) < 0.01
+    rng = np.random.default_rng(1)
+    for _ in range(200):  # any scale: the clipped norm never exceeds clip; below clip the update is unchanged
+        u = {"a": torch.from_numpy(rng.normal(size=(7, 5)) * 10 ** rng.uniform(-3, 3))}
+        c = clip_update(u, 1.5)
+        assert global_norm(c).item() <= 1.5 * (1 + 1e-9)
+        if global_norm(u).item() <= 1.5:
+            assert torch.equal(c["a"], u["a"])
+    same = dp.apply(update, ctx(3))
+    assert all(torch.equal(same[k], dp.apply(update, ctx(3))[k]) for k in update)  # seeded per (client, round)
+
+
+def test_ledger_equals_a_fresh_rdp_accountant_and_keeps_its_state():
+    from opacus.accountants import RDPAccountant
+
+    m = Mechanism("client_dp", 1.1, 0.25, 1)
+    ledger = PrivacyLedger([m], 1e-5)
+    reference = RDPAccountant()
+    assert ledger.epsilon() == 0.0
+    for r in range(1, 6):
+        ledger.advance()
+        reference.step(noise_multiplier=1.1, sample_rate=0.25)
+        assert ledger.epsilon() == reference.get_epsilon(1e-5) == epsilon([m], r, 1e-5)
+    copy = PrivacyLedger([m], 1e-5)
+    copy.load_state_dict(ledger.state_dict())
+    assert copy.epsilon() == ledger.epsilon() and copy.rounds == 5
+    assert math.isinf(epsilon([Mechanism("x", 0.0, 0.5)], 1, 1e-5))  # clipping without noise: no guarantee
+
+
+def test_a_target_epsilon_resolves_into_the_noise_multiplier_that_reaches_it():
+    cfg = load_config(None, SMALL + ['defenses=[{name="client_dp", clip=1.0, epsilon=8.0}]', "privacy.delta=1e-4"])
+    spec = cfg.defenses[0]
+    assert spec["noise_multiplier"] > 0
+    reached = epsilon(cfg.privacy_mechanisms(), cfg.federation.rounds, 1e-4)
+    assert reached == pytest.approx(8.0, abs=0.05) and reached <= 8.0 + 1e-9
+    assert cfg.privacy_mechanisms()[0].sample_rate == pytest.approx(2 / 6)
+
+
+def test_poisson_sampling_draws_each_client_independently_at_the_stated_rate():
+    from flwr.serverapp.strategy import FedAvg
+
+    from strategies.reproducible import ReproducibleSampling
+
+    partition_of = {100 + i: i for i in range(20)}
+    strategy = ReproducibleSampling(FedAvg(), partition_of, clients_per_round=5, seed=4, poisson=True)
+    counts = [len(strategy.sample(r)) for r in range(1, 2001)]
+    assert np.mean(counts) == pytest.approx(5.0, rel=0.05)
+    assert len(set(counts)) > 5 and min(counts) < 5 < max(counts)  # not a fixed size
+    assert strategy.sample(7) == strategy.sample(7)  # reproducible per (seed, round)
+    fixed = ReproducibleSampling(FedAvg(), partition_of, clients_per_round=5, seed=4)
+    assert all(len(fixed.sample(r)) == 5 for r in range(1, 50))
+
+
+def test_client_dp_refuses_a_batchnorm_victim_before_the_run(data_dir):
+    from fedsim.federation import prepare
+
+    cfg = load_config("experiments/quickstart.toml", SMALL + ['model.name="convnet"', "model.width=8",
+                                                             'defenses=[{name="client_dp", clip=1.0, noise_multiplier=1.0}]'])
+    with pytest.raises(ValueError, match=r"defenses\.0: client_dp on a victim with BatchNorm"):
+        prepare(cfg)
+
+
+@pytest.mark.ray
+def test_the_epsilon_column_of_a_real_run_equals_the_rdp_accountant(tmp_path, data_dir):
+    from opacus.accountants import RDPAccountant
+
+    from fedsim.federation import run_experiment
+
+    cfg = load_config("experiments/quickstart.toml", SMALL + [
+        f'output_dir="{tmp_path}"', 'name="dp"', 'defenses=[{name="client_dp", clip=0.5, epsilon=20.0}]',
+        'federation.sampling="poisson"', "attack.clients_per_round=0", "seed=15"])
+    store = run_experiment(cfg, show_progress=False)
+    rounds = pd.read_parquet(store.root / "rounds.parquet")
+    assert list(rounds["round"]) == [0, 1, 2, 3]
+    nm = cfg.defenses[0]["noise_multiplier"]
+    reference = RDPAccountant()
+    assert rounds["epsilon"].iloc[0] == 0.0
+    for r in (1, 2, 3):
+        reference.step(noise_multiplier=nm, sample_rate=2 / 6)
+        assert rounds["epsilon"].iloc[r] == pytest.approx(reference.get_epsilon(1e-5), rel=1e-12)
+    assert rounds["epsilon"].iloc[-1] == pytest.approx(20.0, abs=0.1)
+    # seed 15 samples clients [0, 5], nobody, [3]: the empty round keeps the model and still counts as a release
+    checks = list(rounds["model_checksum"])
+    assert checks[2] == checks[1] and len({checks[0], checks[1], checks[3]}) == 3
+    plain = run_experiment(load_config("experiments/quickstart.toml", SMALL + [f'output_dir="{tmp_path}"',
+                                                                               'name="plain"']), show_progress=False)
+    assert plain.rounds.frame()["epsilon"].isna().all()  # no DP defense: no epsilon claimed
