@@ -26,6 +26,7 @@ class ClientReply:
     train_loss: float
     shared: dict = field(default_factory=dict)
     audit: AuditRecord | None = None
+    local_state: dict[str, torch.Tensor] = field(default_factory=dict)  # what never leaves the client (FedBN)
 
 
 def choose_samples(partition: np.ndarray, num_samples: int, seed: int, server_round: int, client_id: int) -> np.ndarray:
@@ -38,25 +39,33 @@ def choose_samples(partition: np.ndarray, num_samples: int, seed: int, server_ro
 
 def client_round(model: nn.Module, global_state: dict[str, torch.Tensor], data: ImageData, sample_ids: np.ndarray,
                  cfg: TrainConfig, defenses: list[Defense], threat: ThreatModel, *, seed: int, server_round: int,
-                 client_id: int) -> ClientReply:
+                 client_id: int, local_state: dict[str, torch.Tensor] | None = None) -> ClientReply:
+    """``local_state``: this client's own values of the keys its defenses keep local (FedBN), from its last round
+    (None: first round, the global values)."""
     load_public_state(model, global_state)
+    local_keys = set().union(*(d.local_keys(model) for d in defenses)) if defenses else set()
+    if local_state:
+        model.load_state_dict({**model.state_dict(), **{k: v for k, v in local_state.items() if k in local_keys}})
     inputs, labels = data.model_input(sample_ids), data.label_tensor(sample_ids)
     schedule = step_schedule(cfg, np.random.default_rng(round_seed(seed, server_round, client_id, 1)))
+    trainer_rng = torch.Generator().manual_seed(round_seed(seed, server_round, client_id, 3))
     with torch.random.fork_rng(devices=[]):
-        result = local_train(model, inputs, labels, cfg, schedule)
-    param_names = {name for name, _ in model.named_parameters()}
+        result = local_train(model, inputs, labels, cfg, schedule, defenses=tuple(defenses), generator=trainer_rng,
+                             num_classes=data.num_classes)
+    param_names = {name for name, _ in model.named_parameters()} - local_keys
     update = {k: result.state[k] - global_state[k] for k in param_names}
     ctx = DefenseContext(generator=torch.Generator().manual_seed(round_seed(seed, server_round, client_id, 2)),
                          bn_stats=result.bn_stats, server_round=server_round, client_id=client_id)
     defended = apply_pipeline(defenses, update, ctx)
-    state = {k: (global_state[k] + defended[k]) if k in defended else v
-             for k, v in result.state.items() if k in global_state}
+    state = {k: (global_state[k] + defended[k]) if k in defended else global_state[k] if k in local_keys else v
+             for k, v in result.state.items() if k in global_state}  # local keys travel as they came
     shared = dict(ctx.shared)
     if threat.labels == "known":
         shared["labels"] = sorted(int(v) for v in labels.tolist())  # a multiset: the order would leak the sample order
     audit = AuditRecord(round=server_round, client_id=client_id, sample_ids=tuple(int(i) for i in sample_ids),
                         step_ids=tuple(int(sample_ids[p]) for step in schedule for p in step))
-    return ClientReply(state=state, num_examples=len(sample_ids), train_loss=result.loss, shared=shared, audit=audit)
+    return ClientReply(state=state, num_examples=len(sample_ids), train_loss=result.loss, shared=shared, audit=audit,
+                       local_state={k: result.state[k].clone() for k in local_keys})
 
 
 __all__ = ["ClientReply", "choose_samples", "client_round", "round_seed", "float_state"]

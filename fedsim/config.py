@@ -184,6 +184,9 @@ class ExperimentConfig(Section):
         if self.threat.labels == "known" and self.threat.secure_aggregation:
             raise ValueError("threat.labels=known with threat.secure_aggregation=true: under secure aggregation "
                              "the server sees only the round's sum, not a client's label list")
+        if self.threat.secure_aggregation and self.threat_model().bn_stats_shared:
+            raise ValueError("share_bn_stats with threat.secure_aggregation=true: per-client batch statistics would "
+                             "reach the server beside the aggregate")
         cfg = self.client
         if cfg.shuffle and cfg.mode == "fedavg" and self.threat.hyperparameters_known:
             raise ValueError("client.shuffle=true makes the clients' sample order unknowable to the server, but "
@@ -200,10 +203,16 @@ class ExperimentConfig(Section):
         rounds at privacy.delta and the federation's sampling rate (written into its spec, so clients use it)."""
         from .privacy import noise_for_epsilon
 
+        train = self.client.train_config()
         for spec in self.defenses:
-            if spec.get("name") == "client_dp" and spec.get("epsilon") is not None and spec.get("noise_multiplier") is None:
-                spec["noise_multiplier"] = noise_for_epsilon(float(spec["epsilon"]), self.federation.sample_rate,
-                                                             self.federation.rounds, self.privacy.delta)
+            if spec.get("epsilon") is None or spec.get("noise_multiplier") is not None:
+                continue
+            probe = build_defense({**spec, "noise_multiplier": 1.0}).mechanism(self.federation.sample_rate, train)
+            if probe is None:
+                continue
+            spec["noise_multiplier"] = noise_for_epsilon(float(spec["epsilon"]), probe.sample_rate,
+                                                         self.federation.rounds, self.privacy.delta,
+                                                         probe.steps_per_round)
 
     def privacy_mechanisms(self):
         """The DP mechanisms of the defense pipeline, for the server's accountant."""

@@ -112,15 +112,6 @@ class ServerView:
                               num_examples=reply.num_examples, shared=self.threat.visible(reply.shared),
                               defenses=self.defenses)
 
-    def aggregate(self, observed: list[ObservedUpdate]) -> ObservedUpdate:
-        """Secure aggregation: the server learns only the example-weighted sum (what FedAvg adds to the model)."""
-        total = sum(o.num_examples for o in observed)
-        first = observed[0]
-        update = {k: sum(o.update[k] * (o.num_examples / total) for o in observed) for k in first.update}
-        return ObservedUpdate(round=first.round, client_id=-1, model=first.model, normalization=first.normalization,
-                              global_state=first.global_state, update=update, train_config=first.train_config,
-                              num_examples=total, shared={}, defenses=first.defenses)
-
 
 @dataclass
 class Reconstruction:

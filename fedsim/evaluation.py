@@ -39,11 +39,6 @@ class LeakageEvaluator:
         with self._lock:
             self._audits[(audit.round, audit.client_id)] = audit
 
-    def register_sum(self, server_round: int, audits: list[AuditRecord]) -> None:
-        """Under secure aggregation the attacked unit is the round's sum: its truth is every sampled client's data."""
-        ids = tuple(i for a in sorted(audits, key=lambda a: a.client_id) for i in a.sample_ids)
-        self.register_audit(AuditRecord(round=server_round, client_id=-1, sample_ids=ids))
-
     def record(self, observed: ObservedUpdate, attack: str, outcome: Reconstruction | BaseException) -> LeakageRecord:
         row = LeakageRecord(round=observed.round, client_id=observed.client_id, attack=attack,
                             defenses=";".join(observed.defenses), batch_size=observed.num_examples)

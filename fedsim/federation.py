@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import FedAvg
 from strategies.continued import Continued
 from strategies.honest_but_curious import HonestButCurious, UpdateTee
 from strategies.reproducible import ReproducibleSampling
+from strategies.secure_aggregation import SecureAggregation
 
 from .checks import check_device, check_resources
 from .client import choose_samples, client_round
@@ -47,6 +48,7 @@ from .training import TrainConfig, evaluate_accuracy, float_state, load_public_s
 
 log = logging.getLogger("fedsim")
 QUERY_PARTITION = "partition"
+LOCAL = "fedsim.local-state"  # a client's own values of the layers its defenses keep local, in its node state
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -236,8 +238,12 @@ def make_client_app(side_of: Callable[[Context], ClientSide]) -> ClientApp:
         data, model, defenses = _client_process_state(plan)
         global_state = {k: torch.from_numpy(v.numpy().copy()) for k, v in msg.content[ARRAYS].items()}
         ids = choose_samples(side.partitions[pid], sent.num_samples, plan.seed, server_round, pid)
+        local = ({k: torch.from_numpy(v.numpy().copy()) for k, v in context.state[LOCAL].items()}
+                 if LOCAL in context.state else None)
         reply = client_round(model, global_state, data, ids, sent, defenses, threat, seed=plan.seed,
-                             server_round=server_round, client_id=pid)
+                             server_round=server_round, client_id=pid, local_state=local)
+        if reply.local_state:  # FedBN: the node keeps its own layers for its next round (Flower's node state)
+            context.state[LOCAL] = ArrayRecord({k: v.contiguous() for k, v in reply.local_state.items()})
         return Message(reply_content(reply, pid, global_state), reply_to=msg)
 
     return app
@@ -367,9 +373,10 @@ def _server_main(grid: Grid, session: Session) -> None:
         view = ServerView(fed.spec, (fed.train.mean, fed.train.std), cfg.threat_model(),
                           tuple(d.tag() for d in cfg.build_defenses()))
         tee = UpdateTee(view, cfg.attack.clients_per_round, cfg.seed,
-                        submit=session.submit, audit=session.evaluator.register_audit,
-                        audit_sum=session.evaluator.register_sum)
-        strategy = HonestButCurious(strategy, tee)  # outermost: it sees replies exactly as they arrive
+                        submit=session.submit, audit=session.evaluator.register_audit)
+        strategy = HonestButCurious(strategy, tee)  # it sees replies exactly as they arrive
+    if cfg.threat.secure_aggregation:  # outermost: inside it, the tee and FedAvg see only the round's aggregate
+        strategy = SecureAggregation(strategy, partition_of)
 
     strategy = Continued(strategy, start)  # rounds keep their numbers after a resume
     mechanisms = cfg.privacy_mechanisms()
@@ -490,6 +497,9 @@ def open_run_directory(cfg: ExperimentConfig, resume: bool) -> tuple[RunDirector
         if conflict:
             raise ConfigError(f"--resume: the config differs from the run in {store.root} at {conflict}")
         finished = store.finished_round()
+        if finished > 0 and any(d.name == "fedbn" for d in cfg.build_defenses()):
+            raise ConfigError("--resume: fedbn keeps each client's BatchNorm layers in its node's memory, which a "
+                              "new process cannot restore; rerun from round 0")
         if finished > cfg.federation.rounds:
             raise ConfigError(f"--resume: federation.rounds={cfg.federation.rounds} but {finished} rounds finished")
     store.write_config(cfg.model_dump())

@@ -72,25 +72,39 @@ def _capture_bn_stats(model: nn.Module, store: dict) -> list:
 
 
 def local_train(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
-                schedule: list[np.ndarray]) -> LocalResult:
-    """Plain SGD in train mode (BatchNorm as ``cfg.bn_mode``) over ``schedule``; returns the new state dict."""
+                schedule: list[np.ndarray], defenses: tuple = (), generator: torch.Generator | None = None,
+                num_classes: int | None = None) -> LocalResult:
+    """Plain SGD in train mode (BatchNorm as ``cfg.bn_mode``) over ``schedule``; returns the new state dict.
+    ``defenses`` with training-time hooks (DP-SGD, batch mixing) change the steps, drawing from ``generator``."""
     set_bn_mode(model, cfg.bn_mode)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    loss_fn = nn.CrossEntropyLoss()
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    forward: nn.Module = model
+    optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    cleanups = []
+    loss_fn = nn.CrossEntropyLoss()  # takes class indices or, after batch mixing, class probabilities
     bn_stats: dict = {}
     handles = _capture_bn_stats(model, bn_stats)
     losses = []
     try:
+        for defense in defenses:
+            forward, optimizer, cleanup = defense.wrap_training(forward, optimizer, cfg, generator)
+            if cleanup is not None:
+                cleanups.append(cleanup)
         for positions in schedule:
             idx = torch.from_numpy(np.asarray(positions, dtype=np.int64))
+            x, y = inputs[idx], labels[idx]
+            for defense in defenses:
+                x, y = defense.mix_batch(x, y, num_classes or int(labels.max()) + 1, generator)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(inputs[idx]), labels[idx])
+            loss = loss_fn(forward(x), y)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
     finally:
         for h in handles:
             h.remove()
+        for cleanup in reversed(cleanups):
+            cleanup()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return LocalResult(state=state, loss=float(np.mean(losses)), bn_stats=bn_stats)
 

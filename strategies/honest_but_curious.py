@@ -26,12 +26,11 @@ class UpdateTee:
 
     def __init__(self, view: ServerView, attacked_per_round: int, seed: int,
                  submit: Callable[[list[ObservedUpdate]], None],
-                 audit: Callable[[AuditRecord], None],
-                 audit_sum: Callable[[int, list[AuditRecord]], None] | None = None) -> None:
+                 audit: Callable[[AuditRecord], None]) -> None:
         self.view = view
         self.attacked_per_round = attacked_per_round
         self.seed = seed
-        self.submit, self.audit, self.audit_sum = submit, audit, audit_sum
+        self.submit, self.audit = submit, audit
 
     def observe(self, server_round: int, sent: ArrayRecord, config: ConfigRecord, replies: list[Message]) -> None:
         contents = [msg.content for msg in replies if not msg.has_error()]
@@ -44,11 +43,8 @@ class UpdateTee:
         audits = [read_audit(c, server_round) for c in contents]
         if not observed or self.attacked_per_round == 0:
             return
-        if self.view.threat.secure_aggregation:
-            if self.audit_sum:
-                self.audit_sum(server_round, audits)
-            self.submit([self.view.aggregate(sorted(observed, key=lambda o: o.client_id))])
-            return
+        # Under secure aggregation (strategies.secure_aggregation, wrapped outside this tee) the one reply here is
+        # the round's aggregate: it is observed and attacked like any other.
         for a in audits:
             self.audit(a)
         rng = np.random.default_rng([self.seed, server_round, 11])

@@ -65,6 +65,11 @@ CASES = [
     ("client_dp on BatchNorm", run_set('model.name="convnet"', 'defenses=[{name="client_dp", clip=1.0, '
                                        'noise_multiplier=1.0}]'), "defenses.0: client_dp on a victim with BatchNorm"),
     ("dp delta", run_set("privacy.delta=2"), "privacy.delta"),
+    ("bn stats under secure aggregation", run_set('defenses=[{name="share_bn_stats"}]',
+                                                  "threat.secure_aggregation=true"), "share_bn_stats with threat.secure_aggregation"),
+    ("fedbn without batchnorm", run_set('defenses=[{name="fedbn"}]'), "fedbn on a victim without BatchNorm"),
+    ("dp_sgd on batchnorm", run_set('model.name="convnet"', 'defenses=[{name="dp_sgd", clip=1.0, noise_multiplier=1.0}]'),
+     "dp_sgd: Opacus cannot compute per-sample gradients"),
     ("client sampling", run_set('federation.sampling="random"'), "federation.sampling"),
     ("unknown model", run_set('model.name="resnet1000"'), "resnet1000"),
     ("threat labels", run_set('threat.labels="maybe"'), "threat.labels"),

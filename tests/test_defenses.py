@@ -77,3 +77,112 @@ def test_unknown_defense_and_bad_parameter_are_named():
         build_defense({"name": "dp"})
     with pytest.raises(Exception, match="fraction"):
         build_defense({"name": "topk", "fraction": 0})
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.1, 0.01])
+def test_randomk_keeps_a_random_fraction_per_layer_seeded(fraction):
+    g = torch.Generator().manual_seed(0)
+    update = {"w": torch.randn(50, 40, generator=g) + 3.0, "b": torch.randn(300, generator=g) + 3.0}
+    defense = build_defense({"name": "randomk", "fraction": fraction})
+    out = defense.apply(update, ctx(5))
+    for k, v in update.items():
+        kept = out[k] != 0
+        assert kept.sum().item() == max(1, int(math.floor(fraction * v.numel() + 0.5)))
+        assert torch.equal(out[k][kept], v[kept])  # kept entries unchanged, the rest zero
+    again, other = defense.apply(update, ctx(5)), defense.apply(update, ctx(6))
+    assert torch.equal(again["w"], out["w"]) and not torch.equal(other["w"], out["w"])
+    top = build_defense({"name": "topk", "fraction": fraction}).apply(update, ctx())
+    assert not torch.equal(top["w"] != 0, out["w"] != 0)  # not the largest entries
+    rescaled = build_defense({"name": "randomk", "fraction": fraction, "rescale": True}).apply(update, ctx(5))
+    assert torch.allclose(rescaled["w"], out["w"] / fraction)
+
+
+def test_quantize_rounds_to_the_stated_levels_and_stochastic_rounding_is_unbiased():
+    g = torch.Generator().manual_seed(1)
+    update = {"w": torch.randn(20_000, generator=g), "zero": torch.zeros(5)}
+    out = build_defense({"name": "quantize", "bits": 8}).apply(update, ctx())
+    scale = update["w"].abs().max() / 127
+    levels = out["w"] / scale
+    assert torch.allclose(levels, levels.round(), atol=1e-4) and levels.abs().max() <= 127 + 1e-4
+    assert (out["w"] - update["w"]).abs().max() <= scale / 2 + 1e-7  # round to nearest
+    assert len(torch.unique(out["w"])) <= 255 and torch.equal(out["zero"], update["zero"])
+    two = build_defense({"name": "quantize", "bits": 2, "stochastic": True})
+    mean = torch.stack([two.apply(update, ctx(s))["w"] for s in range(400)]).mean(0)
+    assert len(torch.unique(two.apply(update, ctx(0))["w"])) <= 3
+    scale2 = update["w"].abs().max()  # one level at 2 bits: each entry rounds to -scale2, 0 or scale2
+    assert abs((mean - update["w"]).mean()) < 0.01 * scale2  # unbiased (floor or ceil would be off by scale2 / 2)
+    # and per entry: the error of a 400-draw mean is within a few standard errors of a Bernoulli rounding
+    assert (mean - update["w"]).abs().mean() < 3 * scale2 * 0.5 / math.sqrt(400)
+
+
+def test_sign_sends_one_bit_per_entry_with_the_layer_scale():
+    update = {"w": torch.tensor([0.5, -2.0, 0.0, 1.5]), "b": torch.tensor([-0.1, 0.3])}
+    out = build_defense({"name": "sign"}).apply(update, ctx())
+    assert torch.equal(out["w"], torch.tensor([1.0, -1.0, 0.0, 1.0]) * 1.0)
+    assert torch.allclose(out["b"], torch.tensor([-0.2, 0.2]))
+
+
+@pytest.mark.ray
+def test_fedbn_keeps_batchnorm_local_across_rounds_in_a_real_federation(tmp_path, data_dir):
+    """One client, FedAvg, 2 rounds: the global BatchNorm state never moves, and replaying the client's second round
+    matches the server's model only with the client's own BatchNorm layers from round 1 (its node state)."""
+    import numpy as np
+
+    from fedsim.client import choose_samples, client_round
+    from fedsim.config import load_config
+    from fedsim.federation import _client_process_state, ClientSide, prepare, run_experiment
+
+    cfg = load_config("experiments/quickstart.toml", [
+        f'output_dir="{tmp_path}"', 'name="fedbn"', "federation.num_clients=1", "federation.clients_per_round=1",
+        "federation.rounds=2", 'model.name="convnet"', "model.width=8", 'client.mode="fedavg"',
+        "client.batch_size=4", "client.num_samples=8", "client.lr=0.05", "data.test_samples=50", "attacks=[]",
+        "attack.clients_per_round=0", 'defenses=[{name="fedbn"}]', "seed=2"])
+    store = run_experiment(cfg, show_progress=False)
+    saved = [{k: torch.from_numpy(v) for k, v in store.checkpoints.load(r).items()} for r in (0, 1, 2)]
+    fedbn = cfg.build_defenses()[0]
+    side = ClientSide.of(prepare(cfg))
+    data, model, defenses = _client_process_state(side.plan)
+    local = fedbn.local_keys(model)
+    assert local and all(torch.equal(saved[r][k], saved[0][k]) for r in (1, 2) for k in local)
+    assert any(not torch.equal(saved[2][k], saved[1][k]) for k in saved[0] if k not in local)
+    train = cfg.client.train_config()
+    threat = cfg.threat_model()
+
+    def replay(server_round, start, local_state):
+        ids = choose_samples(side.partitions[0], train.num_samples, cfg.seed, server_round, 0)
+        return client_round(model, {k: v.clone() for k, v in start.items()}, data, ids, train, defenses, threat,
+                            seed=cfg.seed, server_round=server_round, client_id=0, local_state=local_state)
+
+    first = replay(1, saved[0], None)
+    assert all(torch.equal(first.state[k], saved[1][k]) for k in saved[0])
+    assert set(first.local_state) == local and any(not torch.equal(first.local_state[k], saved[0][k]) for k in local)
+    second = replay(2, saved[1], first.local_state)
+    assert all(torch.equal(second.state[k], saved[2][k]) for k in saved[0])  # bit-identical to the federation
+    forgetful = replay(2, saved[1], None)
+    assert not all(torch.equal(forgetful.state[k], saved[2][k]) for k in saved[0] if k not in local)
+
+
+def test_mixup_trains_on_the_seeded_mixed_batch_and_leaves_the_sent_update_alone(cifar_test):
+    import numpy as np
+
+    cfg = TrainConfig(mode="fedsgd", lr=0.3, batch_size=4, num_samples=4)
+    x, y = cifar_test.model_input(range(4)), cifar_test.label_tensor(range(4))
+    model = build_model("lenet_zhu", 10, seed=1)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    mix = build_defense({"name": "mixup", "alpha": 0.4})
+    out = local_train(model, x, y, cfg, step_schedule(cfg), defenses=(mix,), generator=torch.Generator().manual_seed(9),
+                      num_classes=10)
+    g = torch.Generator().manual_seed(9)  # the same draws, by hand
+    lam = float(np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=g))).beta(0.4, 0.4))
+    perm = torch.randperm(4, generator=g)
+    assert 0.0 < lam < 1.0 and not torch.equal(perm, torch.arange(4))
+    soft = torch.nn.functional.one_hot(y, 10).float()
+    model.load_state_dict(start)
+    loss = torch.nn.functional.cross_entropy(model(lam * x + (1 - lam) * x[perm]), lam * soft + (1 - lam) * soft[perm])
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    for (name, _), grad in zip(model.named_parameters(), grads):
+        assert torch.allclose(out.state[name] - start[name], -0.3 * grad, atol=1e-7, rtol=1e-4), name
+    model.load_state_dict(start)
+    plain = local_train(model, x, y, cfg, step_schedule(cfg))
+    assert not torch.allclose(plain.state["fc.weight"], out.state["fc.weight"])
+    assert mix.apply({"w": torch.ones(3)}, ctx())["w"].equal(torch.ones(3))  # nothing changes on the way out

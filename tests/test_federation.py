@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from fedsim.config import load_config
 from fedsim.contract import ObservedUpdate
@@ -152,3 +153,37 @@ def test_the_attack_chain_replays_a_real_fedavg_client_to_float_precision(tmp_pa
     with pytest.raises(ValueError, match="does not fit"):  # a wrong public model is refused, never half-loaded
         load_public_state(build_model("convnet", 10, width=8), {k: torch.from_numpy(v.copy())
                                                                for k, v in late[0].global_state.items()})
+
+
+def test_secure_aggregation_shows_the_tee_only_the_exact_aggregate_and_leaves_fedavg_unchanged(tmp_path, data_dir, spy):
+    from fedsim.client import choose_samples, client_round
+    from fedsim.federation import ClientSide, _client_process_state, prepare
+    from strategies.reproducible import ReproducibleSampling
+
+    SEEN = spy
+    common = ['attack.executor="inline"', "client.batch_size=2", "seed=4"]
+    cfg = small_config(tmp_path, "secagg", 'attacks=[{name="outside_spy"}]', "threat.secure_aggregation=true",
+                       *common)
+    store = run_experiment(cfg, show_progress=False)
+    plain = run_experiment(small_config(tmp_path, "plain", "attacks=[]", *common), show_progress=False)
+    assert list(store.rounds.frame()["model_checksum"]) == list(plain.rounds.frame()["model_checksum"])
+    rows = store.leakage.frame()
+    assert list(rows["client_id"]) == [-1, -1] and list(rows["round"]) == [1, 2]  # no per-client rows
+    assert (rows.batch_size == 4).all() and (rows.status == "ok").all()  # the union of the two clients' batches
+    assert len(SEEN) == 2 and all(o.client_id == -1 and o.num_examples == 4 and o.shared == {} for o in SEEN)
+    # the observed update is exactly the example-weighted mean of the sampled clients' true updates
+    side = ClientSide.of(prepare(cfg))
+    data, model, defenses = _client_process_state(side.plan)
+    sampler = ReproducibleSampling(None, {i: i for i in range(4)}, 2, cfg.seed)
+    train, threat = cfg.client.train_config(), cfg.threat_model()
+    for obs in SEEN:
+        start = {k: torch.from_numpy(v) for k, v in store.checkpoints.load(obs.round - 1).items()}
+        states = []
+        for pid in sampler.sample(obs.round):
+            ids = choose_samples(side.partitions[pid], train.num_samples, cfg.seed, obs.round, pid)
+            reply = client_round(model, {k: v.clone() for k, v in start.items()}, data, ids, train, defenses, threat,
+                                 seed=cfg.seed, server_round=obs.round, client_id=pid)
+            states.append({k: v.numpy() for k, v in reply.state.items()})
+        for key, value in obs.update.items():
+            mean = states[0][key] * 0.5 + states[1][key] * 0.5
+            assert np.allclose(value, mean - start[key].numpy(), atol=1e-7, rtol=0), key

@@ -157,3 +157,17 @@ def test_the_attacker_seed_stream_is_not_the_clients():
             for s in (attack_seed(root, r, 0), root):
                 rng = np.random.default_rng(s)
                 assert not np.array_equal(np.sort(rng.choice(partition, 8, replace=False)), truth)
+
+
+def test_a_defense_defined_outside_fedsim_loads_from_a_config(outside):
+    """The README's example (tests/outside_plugin: update_dropout), found through the fedsim.defenses entry point."""
+    from fedsim.config import load_config
+    from fedsim.defenses import DefenseContext
+
+    cfg = load_config(None, ['defenses=[{name="update_dropout", p=0.3}]'])
+    (defense,) = cfg.build_defenses()
+    assert type(defense).__module__ == "fedsim_outside" and defense.tag() == "update_dropout(p=0.3)"
+    out = defense.apply({"w": torch.ones(100_000)}, DefenseContext(generator=torch.Generator().manual_seed(0)))
+    assert (out["w"] == 0).float().mean().item() == pytest.approx(0.3, abs=0.01)
+    with pytest.raises(Exception, match="p"):
+        load_config(None, ['defenses=[{name="update_dropout", p=1.5}]'])

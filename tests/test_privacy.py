@@ -120,3 +120,64 @@ def test_the_epsilon_column_of_a_real_run_equals_the_rdp_accountant(tmp_path, da
     plain = run_experiment(load_config("experiments/quickstart.toml", SMALL + [f'output_dir="{tmp_path}"',
                                                                                'name="plain"']), show_progress=False)
     assert plain.rounds.frame()["epsilon"].isna().all()  # no DP defense: no epsilon claimed
+
+
+def test_dp_sgd_clips_each_example_and_adds_the_stated_noise(cifar_test):
+    """FedSGD on 4 images through Opacus: without noise the update is -lr x the mean of the per-example gradients,
+    each clipped to ``clip``; with noise, the difference has std lr x noise_multiplier x clip / batch."""
+    from fedsim.models import build_model
+    from fedsim.training import TrainConfig, local_train, step_schedule
+
+    cfg = TrainConfig(mode="fedsgd", lr=0.5, batch_size=4, num_samples=4)
+    x, y = cifar_test.model_input(range(4)), cifar_test.label_tensor(range(4))
+    model = build_model("lenet_zhu", 10, seed=0)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    names = [n for n, _ in model.named_parameters()]
+    clipped = []
+    for i in range(4):  # per-example gradients by hand, clipped to 0.05
+        model.load_state_dict(start)
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        g = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        norm = torch.sqrt(sum(v.pow(2).sum() for v in g.values()))
+        assert norm > 0.05  # the clip binds for every example
+        clipped.append({n: v * (0.05 / norm) for n, v in g.items()})
+    expected = {n: -0.5 * sum(c[n] for c in clipped) / 4 for n in names}
+
+    def dp_update(noise: float, seed: int) -> dict:
+        model.load_state_dict(start)
+        dp = build_defense({"name": "dp_sgd", "clip": 0.05, "noise_multiplier": noise})
+        out = local_train(model, x, y, cfg, step_schedule(cfg), defenses=(dp,),
+                          generator=torch.Generator().manual_seed(seed))
+        return {n: out.state[n] - start[n] for n in names}
+
+    exact = dp_update(0.0, 0)
+    for n in names:
+        assert torch.allclose(exact[n], expected[n], atol=1e-7, rtol=1e-4), n
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())  # Opacus's hooks were removed
+    noisy = dp_update(2.0, 1)
+    diff = torch.cat([(noisy[n] - exact[n]).flatten() for n in names])
+    assert diff.std().item() == pytest.approx(0.5 * 2.0 * 0.05 / 4, rel=0.05)
+
+
+@pytest.mark.ray
+def test_dp_sgd_clients_train_and_report_epsilon(tmp_path, data_dir):
+    from opacus.accountants import RDPAccountant
+
+    from fedsim.federation import run_experiment
+
+    cfg = load_config("experiments/quickstart.toml", SMALL + [
+        f'output_dir="{tmp_path}"', 'name="dpsgd"', 'client.mode="fedavg"', "client.batch_size=2",
+        "client.num_samples=8", "client.epochs=1", "client.lr=0.05",
+        'defenses=[{name="dp_sgd", clip=1.0, noise_multiplier=1.2}]', "attack.clients_per_round=1",
+        'attacks=[{name="inverting_gradients", iterations=20, restarts=1}]'])
+    store = run_experiment(cfg, show_progress=False)
+    rounds = pd.read_parquet(store.root / "rounds.parquet")
+    reference = RDPAccountant()
+    for r in (1, 2, 3):
+        for _ in range(4):  # 8 samples in batches of 2: four noisy steps per round at sampling rate 1/4
+            reference.step(noise_multiplier=1.2, sample_rate=0.25)
+        assert rounds["epsilon"].iloc[r] == pytest.approx(reference.get_epsilon(1e-5), rel=1e-12)
+    assert rounds["model_checksum"].nunique() == 4  # the model trains
+    leak = store.leakage.frame()
+    assert len(leak) == 3 and (leak.status == "ok").all()  # the attacker got (and attacked) DP-SGD updates

@@ -92,3 +92,13 @@ class CrashingClient(Defense):
         if ctx.server_round == self.round and ctx.client_id == self.client:
             raise RuntimeError(f"injected fault in client {self.client}, round {self.round}")
         return update
+
+
+class Dropout(Defense):
+    """The README's example defense: zero each entry of the update with probability p (seeded per client, round)."""
+
+    name: ClassVar[str] = "update_dropout"
+    p: float = Field(default=0.5, ge=0, lt=1)
+
+    def apply(self, update, ctx):
+        return {k: v * (torch.rand(v.shape, generator=ctx.generator) >= self.p) for k, v in update.items()}
