@@ -100,7 +100,21 @@ class GaussianNoise(Defense):
         return {k: v + self.std * torch.randn(v.shape, generator=ctx.generator, dtype=v.dtype) for k, v in update.items()}
 
 
-class ClientDP(Defense):
+class _NoiseOrTarget(Defense):
+    """A DP defense's noise: ``noise_multiplier``, or a target ``epsilon`` the config resolves into one."""
+
+    clip: float = Field(gt=0.0)
+    noise_multiplier: float | None = Field(default=None, ge=0.0)
+    epsilon: float | None = Field(default=None, gt=0.0)
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if self.noise_multiplier is None and self.epsilon is None:
+            raise ValueError(f"{self.name} needs noise_multiplier or epsilon")
+        return self
+
+
+class ClientDP(_NoiseOrTarget):
     """Client-level DP-FedAvg: clip the whole update to L2 norm ``clip``, add N(0, (noise_multiplier * clip)^2) to
     every coordinate. Give ``noise_multiplier``, or ``epsilon`` and the config resolves the multiplier that reaches it
     after ``federation.rounds`` rounds (at ``privacy.delta``, with the federation's client sampling rate).
@@ -110,15 +124,7 @@ class ClientDP(Defense):
     rate clients_per_round / num_clients is an upper bound on the leak of the sum (the sum carries more noise)."""
 
     name: ClassVar[str] = "client_dp"
-    clip: float = Field(gt=0.0)
-    noise_multiplier: float | None = Field(default=None, ge=0.0)
-    epsilon: float | None = Field(default=None, gt=0.0)  # target; resolved into noise_multiplier by the config
 
-    @model_validator(mode="after")
-    def _one_of(self):
-        if self.noise_multiplier is None and self.epsilon is None:
-            raise ValueError("client_dp needs noise_multiplier or epsilon")
-        return self
 
     def check(self, model):
         buffers = [k for k, _ in model.named_buffers() if k.endswith("running_mean")]
@@ -137,7 +143,7 @@ class ClientDP(Defense):
         return Mechanism(self.tag(), float(self.noise_multiplier or 0.0), sample_rate, 1)
 
 
-class DPSGD(Defense):
+class DPSGD(_NoiseOrTarget):
     """Sample-level DP inside the client's local training (Opacus): each example's gradient is clipped to L2 norm
     ``clip`` (functorch per-sample gradients), the batch sum gets N(0, (noise_multiplier * clip)^2) noise, then the
     SGD step. The update sent is what that training produced; nothing is added on the way out. ``epsilon`` as a
@@ -148,15 +154,7 @@ class DPSGD(Defense):
     sampling would only lower it). Batches are taken in order, not Poisson-sampled: the usual approximation."""
 
     name: ClassVar[str] = "dp_sgd"
-    clip: float = Field(gt=0.0)
-    noise_multiplier: float | None = Field(default=None, ge=0.0)
-    epsilon: float | None = Field(default=None, gt=0.0)
 
-    @model_validator(mode="after")
-    def _one_of(self):
-        if self.noise_multiplier is None and self.epsilon is None:
-            raise ValueError("dp_sgd needs noise_multiplier or epsilon")
-        return self
 
     def check(self, model):
         from opacus.validators import ModuleValidator

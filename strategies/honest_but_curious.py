@@ -20,6 +20,8 @@ from flwr.serverapp.strategy import Strategy
 from fedsim.contract import AuditRecord, ObservedUpdate, ServerView
 from fedsim.protocol import arrays_to_numpy, read_audit, read_reply
 
+from .wrapper import Wrapper
+
 
 class UpdateTee:
     """Converts the replies of one round into observed updates (for the attacker) and audits (for the evaluator)."""
@@ -53,11 +55,11 @@ class UpdateTee:
         self.submit([o for o in sorted(observed, key=lambda o: o.client_id) if o.client_id in chosen])
 
 
-class HonestButCurious(Strategy):
+class HonestButCurious(Wrapper):
     """Delegates every hook to ``inner`` and, before aggregating, shows the round's replies to ``tee``."""
 
     def __init__(self, inner: Strategy, tee: UpdateTee) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.tee = tee
         self._sent: dict[int, tuple[ArrayRecord, ConfigRecord]] = {}
 
@@ -72,12 +74,3 @@ class HonestButCurious(Strategy):
         sent, config = self._sent[server_round]
         self.tee.observe(server_round, sent, config, replies)
         return self.inner.aggregate_train(server_round, replies)
-
-    def configure_evaluate(self, server_round, arrays, config, grid):
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round, replies):
-        return self.inner.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.inner.summary()

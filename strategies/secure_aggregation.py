@@ -17,19 +17,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedsim.protocol import ARRAYS, AUDIT, METRICS, SHARED
 
+from .wrapper import Wrapper
+
 AGGREGATE_ID = -1  # the "client id" of the round's aggregate in observed updates and leakage rows
 
 
-class SecureAggregation(Strategy):
+class SecureAggregation(Wrapper):
     def __init__(self, inner: Strategy, partition_of: dict[int, int]) -> None:
         """``partition_of`` maps node id to partition id (the fixed order the sum is taken in)."""
-        self.inner = inner
+        super().__init__(inner)
         self.partition_of = dict(partition_of)
 
     def aggregate_content(self, contents: list[RecordDict]) -> RecordDict:
@@ -55,16 +56,3 @@ class SecureAggregation(Strategy):
         aggregate = ok[0]  # its envelope (metadata) carries the aggregate; the other replies are dropped
         aggregate.content = self.aggregate_content([m.content for m in ok])
         return self.inner.aggregate_train(server_round, [aggregate, *failed])
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_train(server_round, arrays, config, grid)
-
-    def configure_evaluate(self, server_round, arrays, config, grid):
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round, replies):
-        return self.inner.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.inner.summary()
