@@ -52,7 +52,9 @@ def client_round(model: nn.Module, global_state: dict[str, torch.Tensor], data: 
     with torch.random.fork_rng(devices=[]):
         result = local_train(model, inputs, labels, cfg, schedule, defenses=tuple(defenses), generator=trainer_rng,
                              num_classes=data.num_classes)
-    param_names = {name for name, _ in model.named_parameters()} - local_keys
+    # In the model's order, never a set's: randomised defenses draw their noise key by key, and a set's order
+    # changes with each process's string hash seed
+    param_names = [name for name, _ in model.named_parameters() if name not in local_keys]
     update = {k: result.state[k] - global_state[k] for k in param_names}
     ctx = DefenseContext(generator=torch.Generator().manual_seed(round_seed(seed, server_round, client_id, 2)),
                          bn_stats=result.bn_stats, server_round=server_round, client_id=client_id)

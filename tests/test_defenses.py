@@ -186,3 +186,35 @@ def test_mixup_trains_on_the_seeded_mixed_batch_and_leaves_the_sent_update_alone
     plain = local_train(model, x, y, cfg, step_schedule(cfg))
     assert not torch.allclose(plain.state["fc.weight"], out.state["fc.weight"])
     assert mix.apply({"w": torch.ones(3)}, ctx())["w"].equal(torch.ones(3))  # nothing changes on the way out
+
+
+NOISY_CLIENT = """
+import hashlib, numpy as np, torch
+from fedsim.client import client_round
+from fedsim.config import build_threat
+from fedsim.data import ImageData
+from fedsim.defenses import build_defense
+from fedsim.models import build_model
+from fedsim.training import TrainConfig
+torch.manual_seed(0)
+model = build_model("lenet_zhu", num_classes=10)
+rng = np.random.default_rng(0)
+data = ImageData(rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), np.arange(4) % 10, 10, (0.5,) * 3, (0.25,) * 3)
+defenses = [build_defense({"name": "gaussian_noise", "std": 0.1}), build_defense({"name": "randomk", "fraction": 0.5})]
+reply = client_round(model, {k: v.clone() for k, v in model.state_dict().items()}, data, np.arange(4),
+                     TrainConfig(mode="fedsgd", lr=0.1, epochs=1, batch_size=4, num_samples=4), defenses,
+                     build_threat(defenses), seed=1, server_round=1, client_id=0)
+print(hashlib.sha256(b"".join(reply.state[k].numpy().tobytes() for k in sorted(reply.state))).hexdigest())
+"""
+
+
+def test_randomised_defenses_give_the_same_update_in_every_process():
+    """Noise is drawn layer by layer in the model's order: a process's string-hash seed (which orders sets) must
+    not change which layer gets which draw."""
+    import os
+    import subprocess
+    import sys
+
+    digests = {subprocess.run([sys.executable, "-c", NOISY_CLIENT], check=True, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout.strip() for h in (1, 2, 3, 4)}
+    assert len(digests) == 1, digests
