@@ -96,10 +96,11 @@ def run(
     from strategies.reproducible import ClientFailure
 
     from .config import ConfigError
+    from .results import DirectoryInUse
 
     try:
         store = run_experiment(cfg, ray_address=ray_address, resume=resume, show_progress=not quiet)
-    except ConfigError as err:  # raised before Ray starts (a resume that does not fit the run it continues)
+    except (ConfigError, DirectoryInUse) as err:  # before Ray starts: a resume that does not fit, a busy directory
         fail(_one_line(err))
     except ClientFailure as err:  # federation.on_client_error = "stop"; the rows written so far stay
         fail(f"{err}; finished rounds are in {cfg.run_dir} (resume with --resume)", code=1)
@@ -239,6 +240,63 @@ def experiment(
         fail(_one_line(err))
     console.print(config.with_suffix(".md").read_text())
     console.print(f"{len(frame)} rows")
+
+
+@app.command()
+def sweep(
+    config: Path = typer.Argument(..., help="Sweep TOML: a base experiment and the axes of its grid."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key in every point (repeatable)."),
+    parallel: Optional[int] = typer.Option(None, "--parallel", min=1, help="Points at once (default: the file's "
+                                           "parallel; at most one per core)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Discard the sweep's earlier points and start over."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Run the points on an existing Ray "
+                                              "cluster (one at a time)."),
+) -> None:
+    """Run one federation per grid point; rerunning continues a stopped sweep (finished points are kept)."""
+    from .sweep import load_sweep, run_sweep
+
+    try:
+        grid = load_sweep(config, set_)
+        from .federation import prepare
+        from .sweep import point_config
+
+        for point in grid.points:  # data, models, defenses and devices of every point, before any run starts
+            try:
+                prepare(point_config(grid, point))
+            except _user_errors() as err:
+                raise ValueError(f"point {point.index} ({point.label}): {_one_line(err)}") from None
+        console.print(f"sweep {grid.spec.name}: {len(grid.points)} points over {', '.join(grid.columns)} "
+                      f"in {grid.root}")
+        counts = run_sweep(grid, parallel=parallel, fresh=fresh, ray_address=ray_address, log=console.print)
+    except _user_errors() as err:
+        fail(_one_line(err))
+    except KeyboardInterrupt:
+        fail(f"stopped; finished points are kept in {grid.root} (run the same command to continue)", 1)
+    import pandas as pd
+
+    summary = pd.read_parquet(grid.root / "summary.parquet")
+    if len(summary):
+        cols = [c for c in [*grid.columns, "attack", "images", "psnr_mean", "ssim_mean", "label_accuracy",
+                            "test_accuracy", "epsilon"] if c in summary]
+        console.print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    console.print(f"{counts['done']} of {len(grid.points)} points done; tables in {grid.root}")
+    if counts["failed"]:
+        fail(f"{counts['failed']} points failed (their run.log has the reason); rerun to retry them", 1)
+
+
+@app.command()
+def report(
+    directory: Path = typer.Argument(..., help="A run directory (runs/<name>) or a sweep directory."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="HTML file (default: DIRECTORY/report.html)."),
+) -> None:
+    """Write one self-contained HTML report (plots and images embedded) of a run or a sweep."""
+    from .report import build_report
+
+    try:
+        path = build_report(directory, output)
+    except _user_errors() as err:
+        fail(_one_line(err))
+    console.print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 @app.command("train-victim")

@@ -134,6 +134,9 @@ class AttackSettings(Section):
     # seconds one attack call (one attack on one worker's share of a round) may run; past it the round's rows for
     # that attack are errors with the reason and the worker restarts (ray executor). None: no limit
     timeout: float | None = Field(default=None, gt=0.0)
+    # the rounds whose updates are attacked (None: every round); e.g. [1] attacks the first round of a long run
+    # that trains on for its utility
+    rounds: list[Annotated[int, Field(ge=1)]] | None = None
 
 
 class PrivacyConfig(Section):
@@ -181,6 +184,9 @@ class ExperimentConfig(Section):
         if self.attack.clients_per_round > self.federation.clients_per_round:
             raise ValueError(f"attack.clients_per_round ({self.attack.clients_per_round}) exceeds "
                              f"federation.clients_per_round ({self.federation.clients_per_round})")
+        late = [r for r in self.attack.rounds or [] if r > self.federation.rounds]
+        if late:
+            raise ValueError(f"attack.rounds: round {late[0]} is past federation.rounds ({self.federation.rounds})")
         if self.threat.labels == "known" and self.threat.secure_aggregation:
             raise ValueError("threat.labels=known with threat.secure_aggregation=true: under secure aggregation "
                              "the server sees only the round's sum, not a client's label list")
@@ -269,26 +275,34 @@ def parse_value(text: str) -> Any:
 
 
 def apply_override(raw: dict, assignment: str) -> None:
+    """``--set key=value``: the value is read as TOML (a string if it is not valid TOML)."""
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected key=value")
     key, value = assignment.split("=", 1)
-    parts = key.strip().split(".")
+    set_key(raw, key.strip(), parse_value(value.strip()), where="--set")
+
+
+def set_key(raw: dict, key: str, value: Any, where: str = "--set") -> None:
+    """Set a dotted key (``attacks.0.iterations``: list items by index) in a raw config, creating tables."""
+    parts = key.split(".")
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
         nxt = parts[i + 1]
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"--set {key}: no list item {part!r}")
+                raise ConfigError(f"{where} {key}: no list item {part!r}")
             node = node[int(part)]
         else:
             node = node.setdefault(part, [] if nxt.isdigit() else {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"{where} {key}: {part!r} is a value, not a table")
     last = parts[-1]
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"--set {key}: no list item {last!r}")
-        node[int(last)] = parse_value(value.strip())
+            raise ConfigError(f"{where} {key}: no list item {last!r}")
+        node[int(last)] = value
     else:
-        node[last] = parse_value(value.strip())
+        node[last] = value
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:

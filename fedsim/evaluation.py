@@ -1,7 +1,9 @@
 """The evaluator: the only place where reconstructions meet ground truth.
 
 It receives audit records (sample ids) from the server side and reconstructions from the attacker side, fetches the
-true images by id, scores them, appends one row per (round, client, attack) and redraws the round's grid.
+true images by id, scores them, appends one row per (round, client, attack) and redraws the round's grid. With a
+``reconstruction_dir`` it also keeps each scored batch (matched reconstructions beside their ground truth, with
+per-image scores) in ``r<round>_c<client>_<attack>.npz``, written before its row, which ``fedsim report`` draws.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ GroundTruth = Callable[[list[int]], tuple[torch.Tensor, np.ndarray | None]]
 class LeakageEvaluator:
     def __init__(self, ground_truth: GroundTruth, sink: Callable[[LeakageRecord], None],
                  grid_dir: Path | None = None, on_row: Callable[[LeakageRecord], None] | None = None,
-                 on_audit: Callable[[AuditRecord], None] | None = None) -> None:
+                 on_audit: Callable[[AuditRecord], None] | None = None,
+                 reconstruction_dir: Path | None = None) -> None:
         self.ground_truth = ground_truth
+        self.reconstruction_dir = reconstruction_dir
         self.on_audit = on_audit  # e.g. the run directory's queue, so a resumed run can still score
         self.sink = sink
         self.grid_dir = grid_dir
@@ -64,7 +68,10 @@ class LeakageEvaluator:
             row.attack_seconds = outcome.seconds
             row.iterations = outcome.iterations
             row.restarts = outcome.restarts
-            self._update_grid(observed, attack, gt_images, rec_images[torch.from_numpy(scores.order)])
+            matched = rec_images[torch.from_numpy(scores.order)]
+            self._update_grid(observed, attack, gt_images, matched)
+            self._keep_batch(observed, attack, gt_images, gt_labels, matched,
+                             np.asarray(outcome.labels), scores)
         except Exception as err:  # noqa: BLE001 - any failure becomes an error row; the run goes on
             row.status = "error"
             row.error = f"{type(err).__name__}: {err}"[:500]
@@ -72,6 +79,14 @@ class LeakageEvaluator:
         if self.on_row:
             self.on_row(row)
         return row
+
+    def _keep_batch(self, observed: ObservedUpdate, attack: str, gt: torch.Tensor, gt_labels: np.ndarray | None,
+                    matched: torch.Tensor, labels: np.ndarray, scores) -> None:
+        if self.reconstruction_dir is None:
+            return
+        save_batch(self.reconstruction_dir / batch_file_name(observed.round, observed.client_id, attack),
+                   gt, matched, psnr=scores.psnr, ssim=scores.ssim, lpips=scores.lpips,
+                   true_labels=gt_labels, recovered_labels=labels)
 
     def _update_grid(self, observed: ObservedUpdate, attack: str, gt: torch.Tensor, rec: torch.Tensor) -> None:
         if self.grid_dir is None:
@@ -87,3 +102,30 @@ class LeakageEvaluator:
         rows = [torch.cat([v.get(a, torch.ones_like(v["gt"])) for v in snapshot.values()]) for a in attacks]
         save_grid(self.grid_dir / f"round_{observed.round:03d}.png", originals, rows)
 
+
+
+def batch_file_name(round_: int, client_id: int, attack: str) -> str:
+    return f"r{round_:03d}_c{client_id}_{attack}.npz"
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [0, 1] -> (N, H, W, C) uint8."""
+    return (images.float().clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def save_batch(path: Path, ground_truth: torch.Tensor, matched: torch.Tensor, *, psnr: np.ndarray,
+               ssim: np.ndarray, lpips: np.ndarray, true_labels: np.ndarray | None,
+               recovered_labels: np.ndarray) -> None:
+    """One scored batch: image i of ``reconstruction`` is the one matched to ``ground_truth`` i, its scores are
+    ``psnr[i]`` etc. (computed on the float images; the stored images are 8-bit for viewing). Atomic."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, ground_truth=to_uint8(ground_truth), reconstruction=to_uint8(matched),
+                            psnr=np.asarray(psnr, np.float32), ssim=np.asarray(ssim, np.float32),
+                            lpips=np.asarray(lpips, np.float32),
+                            true_labels=np.asarray(true_labels if true_labels is not None else [], np.int64),
+                            recovered_labels=np.asarray(recovered_labels, np.int64))
+    os.replace(tmp, path)

@@ -373,7 +373,7 @@ def _server_main(grid: Grid, session: Session) -> None:
         view = ServerView(fed.spec, (fed.train.mean, fed.train.std), cfg.threat_model(),
                           tuple(d.tag() for d in cfg.build_defenses()))
         tee = UpdateTee(view, cfg.attack.clients_per_round, cfg.seed,
-                        submit=session.submit, audit=session.evaluator.register_audit)
+                        submit=session.submit, audit=session.evaluator.register_audit, rounds=cfg.attack.rounds)
         strategy = HonestButCurious(strategy, tee)  # it sees replies exactly as they arrive
     if cfg.threat.secure_aggregation:  # outermost: inside it, the tee and FedAvg see only the round's aggregate
         strategy = SecureAggregation(strategy, partition_of)
@@ -491,6 +491,14 @@ def open_run_directory(cfg: ExperimentConfig, resume: bool) -> tuple[RunDirector
     """The run directory and the last round it finished (-1: fresh); a resume that would change the results is a
     ConfigError before anything starts."""
     store = RunDirectory(cfg.run_dir, resume=resume)
+    try:
+        return store, _continue_from(store, cfg, resume)
+    except BaseException:
+        store.close()
+        raise
+
+
+def _continue_from(store: RunDirectory, cfg: ExperimentConfig, resume: bool) -> int:
     finished = -1
     if resume and (store.root / "config.json").is_file():
         conflict = resume_conflict(json.loads((store.root / "config.json").read_text()), cfg.model_dump())
@@ -503,7 +511,7 @@ def open_run_directory(cfg: ExperimentConfig, resume: bool) -> tuple[RunDirector
         if finished > cfg.federation.rounds:
             raise ConfigError(f"--resume: federation.rounds={cfg.federation.rounds} but {finished} rounds finished")
     store.write_config(cfg.model_dump())
-    return store, finished
+    return finished
 
 
 def open_session(fed: Federation, store: RunDirectory, finished: int, progress: Progress | None = None) -> Session:
@@ -516,7 +524,7 @@ def open_session(fed: Federation, store: RunDirectory, finished: int, progress: 
         train = fed.train
         evaluator = LeakageEvaluator(lambda ids: (train.unit_tensor(ids), train.labels[ids]), store.leakage.append,
                                      grid_dir=store.root / "grids", on_row=progress.attack_done,
-                                     on_audit=store.queue.put_audit)
+                                     on_audit=store.queue.put_audit, reconstruction_dir=store.reconstructions)
         pool = AttackerPool(cfg.attacks, cfg.threat_model(), evaluator.record, executor=cfg.attack.executor,
                             workers=cfg.attack.workers, threads=cfg.attack.threads, device=cfg.device,
                             seed_root=attacker_root(cfg.seed), gpus_per_worker=attacker_gpus(cfg),
@@ -553,9 +561,9 @@ def run_experiment(cfg: ExperimentConfig, *, ray_address: str | None = None, res
     address = ray_address or cfg.ray.address
     init_args = _ray_settings(cfg, address)
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    if not ray.is_initialized():
-        ray.init(**{k: v for k, v in init_args.items() if v is not None})
     try:
+        if not ray.is_initialized():
+            ray.init(**{k: v for k, v in init_args.items() if v is not None})
         if address:
             check_cluster(cfg, address)
         with progress:
@@ -576,6 +584,7 @@ def run_experiment(cfg: ExperimentConfig, *, ray_address: str | None = None, res
         if not session.done.is_set():
             raise RuntimeError("the server app did not finish")
     finally:
+        store.close()
         if ray.is_initialized() and not address:
             ray.shutdown()
     return store

@@ -75,20 +75,23 @@ def _main(grid: Grid, context: Context) -> None:
     cfg = config_of(dict(context.run_config))
     fed = prepare(cfg)
     store, finished = open_run_directory(cfg, bool(context.run_config.get("resume", False)))
-    deadline = time.monotonic() + 600
-    while not ray.is_initialized():  # Flower starts Ray for the ClientApps after this thread: use that Ray
-        if time.monotonic() > deadline:
-            raise TimeoutError("Flower's runtime did not start Ray within 600 s")
-        time.sleep(0.2)
-    session = open_session(fed, store, finished)
     try:
-        if finished < cfg.federation.rounds:
-            _server_main(grid, session)
-        elif session.pool is not None:
-            session.pool.drain()
+        deadline = time.monotonic() + 600
+        while not ray.is_initialized():  # Flower starts Ray for the ClientApps after this thread: use that Ray
+            if time.monotonic() > deadline:
+                raise TimeoutError("Flower's runtime did not start Ray within 600 s")
+            time.sleep(0.2)
+        session = open_session(fed, store, finished)
+        try:
+            if finished < cfg.federation.rounds:
+                _server_main(grid, session)
+            elif session.pool is not None:
+                session.pool.drain()
+        finally:
+            if session.pool is not None:
+                session.pool.close()
     finally:
-        if session.pool is not None:
-            session.pool.close()
+        store.close()
     log.info("fedsim: results in %s", store.root)
 
 

@@ -55,17 +55,57 @@ class ParquetTable:
             return pd.DataFrame(self.rows)
 
 
+class DirectoryInUse(ValueError):
+    """Another live process writes this run directory; one line."""
+
+
+class RunLock:
+    """An exclusive lock on a run directory for as long as this process writes it (``flock``: the kernel releases it
+    when the process ends, however it ends), so two runs never write one directory at the same time."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = Path(root) / ".lock"
+        self._file = None
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise DirectoryInUse(f"{root} is in use by another fedsim process (pid {holder}); wait for it or stop "
+                                 f"it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the descriptor drops the lock
+            self._file = None
+
+
 class RunDirectory:
-    """``leakage.parquet`` and ``rounds.parquet``, ``grids/``, ``config.json``, the attacker's saved state
-    (``attacker/``), the global model per round (``checkpoints/``) and the attack backlog (``queue/``)."""
+    """``leakage.parquet`` and ``rounds.parquet``, ``grids/``, ``reconstructions/``, ``config.json``, the attacker's
+    saved state (``attacker/``), the global model per round (``checkpoints/``) and the attack backlog (``queue/``);
+    locked for as long as this process writes it."""
 
     def __init__(self, root: Path, resume: bool = False) -> None:
         self.root = Path(root)
-        (self.root / "grids").mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.root)  # before anything is removed or written
         self.attacker = self.root / "attacker"  # saved attacker state (fedsim.pool), one folder per stateful attack
-        if not resume:  # a fresh run must not start from an earlier run's model, backlog or learnt state
-            for name in ("attacker", "checkpoints", "queue"):
+        self.reconstructions = self.root / "reconstructions"  # each scored batch beside its ground truth
+        if not resume:  # a fresh run must not start from, or show, an earlier run's model, backlog or state
+            for name in ("attacker", "checkpoints", "queue", "grids", "reconstructions"):
                 shutil.rmtree(self.root / name, ignore_errors=True)
+        (self.root / "grids").mkdir(parents=True, exist_ok=True)
         self.checkpoints = ModelCheckpoints(self.root / "checkpoints")
         self.queue = UpdateQueue(self.root / "queue")
         self.leakage = ParquetTable(self.root / "leakage.parquet", resume)
@@ -85,6 +125,10 @@ class RunDirectory:
         self.checkpoints.drop_after(done)
         self.queue.drop_after(done)
         return done
+
+    def close(self) -> None:
+        """Done writing: another process may open the directory."""
+        self.lock.release()
 
     def write_config(self, config: dict) -> None:
         (self.root / "config.json").write_text(json.dumps(config, indent=2, default=str))

@@ -6,7 +6,7 @@ by the same attacks and scored by the same evaluator; independent images are inv
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +76,15 @@ def run_single(job: SingleUpdateJob, output: Path) -> list[LeakageRecord]:
     global_state = float_state(model)
     global_np = {k: v.numpy() for k, v in global_state.items()}
     store = RunDirectory(output)
+    store.write_config({
+        "name": Path(output).name, "command": "fedsim attack", "seed": job.seed, "device": job.device,
+        "data": {"dataset": data.name, "indices": job.indices, "batch_size": job.batch_size},
+        "model": {"name": job.model_name, "width": job.width, "activation": job.activation,
+                  "checkpoint": job.checkpoint},
+        "client": asdict(job.train), "defenses": [{"name": d.name, **d.model_dump()} for d in job.defenses],
+        "threat": asdict(job.threat), "attacks": [{"name": job.attack.name, **job.attack.model_dump()}]})
     evaluator = LeakageEvaluator(lambda ids: (data.unit_tensor(ids), data.labels[ids]), store.leakage.append,
-                                 grid_dir=store.root / "grids")
+                                 grid_dir=store.root / "grids", reconstruction_dir=store.reconstructions)
 
     # The same server view as the federation's tee: the reply goes through the Flower records a client would send.
     view = ServerView(spec, (data.mean, data.std), job.threat, tuple(d.tag() for d in job.defenses))
@@ -92,5 +99,8 @@ def run_single(job: SingleUpdateJob, output: Path) -> list[LeakageRecord]:
         evaluator.register_audit(read_audit(content, 0))
         observed_list.append(view.observe(0, global_np, cfg.to_record(), read_reply(content)))
     seed = attack_seed(attacker_root(job.seed), 0, 0)  # the attacker's stream, as in a federation
-    reconstructions = job.attack.reconstruct_many(observed_list, job.threat, device=job.device, seed=seed)
-    return [evaluator.record(obs, job.attack.name, rec) for obs, rec in zip(observed_list, reconstructions)]
+    try:
+        reconstructions = job.attack.reconstruct_many(observed_list, job.threat, device=job.device, seed=seed)
+        return [evaluator.record(obs, job.attack.name, rec) for obs, rec in zip(observed_list, reconstructions)]
+    finally:
+        store.close()

@@ -28,13 +28,16 @@ class UpdateTee:
 
     def __init__(self, view: ServerView, attacked_per_round: int, seed: int,
                  submit: Callable[[list[ObservedUpdate]], None],
-                 audit: Callable[[AuditRecord], None]) -> None:
+                 audit: Callable[[AuditRecord], None], rounds: list[int] | None = None) -> None:
         self.view = view
         self.attacked_per_round = attacked_per_round
+        self.rounds = None if rounds is None else set(rounds)  # attacked rounds (None: all)
         self.seed = seed
         self.submit, self.audit = submit, audit
 
     def observe(self, server_round: int, sent: ArrayRecord, config: ConfigRecord, replies: list[Message]) -> None:
+        if self.rounds is not None and server_round not in self.rounds:
+            return
         contents = [msg.content for msg in replies if not msg.has_error()]
         self.observe_contents(server_round, arrays_to_numpy(sent), dict(config.items()), contents)
 

@@ -19,6 +19,27 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def browser() -> Path:
+    """A Chromium binary for the report's browser tests (Debian's chromium in CI). Unset: skip; set but missing:
+    fail."""
+    value = os.environ.get("FEDSIM_BROWSER")
+    if not value:
+        pytest.skip("FEDSIM_BROWSER is not set: headless-browser tests are skipped")
+    path = Path(value)
+    if not path.is_file():
+        pytest.fail(f"FEDSIM_BROWSER={value} is not a file")
+    return path
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    """Where tests leave files for a person to look at (screenshots): test-artifacts/ in the checkout."""
+    path = Path(__file__).resolve().parents[1] / "test-artifacts"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
 def cifar_test(data_dir):
     from fedsim.data import load_dataset
 

@@ -43,6 +43,20 @@ def files(tmp_path_factory):
     (d / "cuda_experiment.toml").write_text('name = "x"\ndataset = "cifar10"\nindices = "0-1"\n'
                                             '[victims.v]\nmodel = "lenet_zhu"\n[[cases]]\nname = "c"\nvictim = "v"\n'
                                             'attack = { name = "dlg", iterations = 2 }\n')
+    sweep = f'base = "{QUICKSTART}"\nname = "s"\noutput_dir = "{d}/sweeps"\n'
+    axis = '[[axes]]\nkey = "client.batch_size"\nvalues = [1, 2]\n'
+    (d / "sweep_two_forms.toml").write_text(sweep + '[[axes]]\nkey = "seed"\nvalues = [1]\nname = "x"\n'
+                                            'points = [{label = "a", set = {seed = 2}}]\n')
+    (d / "sweep_bad_point.toml").write_text(sweep + axis + '[[axes]]\nname = "defense"\npoints = [{label = "none", '
+                                            'set = {defenses = []}}, {label = "k", set = {defenses = '
+                                            '[{name = "topk", fraction = 5}]}}]\n')
+    (d / "sweep_twice.toml").write_text(sweep + axis + '[[axes]]\nname = "b"\npoints = [{label = "a", '
+                                        'set = {"client.batch_size" = 3}}]\n')
+    (d / "sweep_no_base.toml").write_text(sweep.replace(QUICKSTART, "/nonexistent/base.toml") + axis)
+    (d / "sweep_unknown.toml").write_text(sweep + axis + "paralel = 2\n")
+    (d / "sweep_bad_key.toml").write_text(sweep + '[[axes]]\nkey = "federation.roundz"\nvalues = [1]\n')
+    (d / "sweep_no_data.toml").write_text(sweep + '[[axes]]\nkey = "data.dataset"\n'
+                                          'values = ["cifar10", "/nonexistent/data.npz"]\n')
     return d
 
 
@@ -140,6 +154,19 @@ CASES = [
     ("experiment missing", ["experiment", "/nonexistent/table.toml"], "/nonexistent/table.toml"),
     ("experiment device", lambda f: ["experiment", f"{f}/cuda_experiment.toml", "--device", "cuda"], "--device"),
     ("experiment override", lambda f: ["experiment", f"{f}/cuda_experiment.toml", "--set", "bogus=1"], "bogus"),
+    # fedsim sweep: the sweep file and every point's config, before any point runs
+    ("sweep missing", ["sweep", "/nonexistent/sweep.toml"], "/nonexistent/sweep.toml"),
+    ("sweep axis forms", lambda f: ["sweep", f"{f}/sweep_two_forms.toml"], "either key and values"),
+    ("sweep bad point", lambda f: ["sweep", f"{f}/sweep_bad_point.toml"], "point 1 (client.batch_size=1, defense=k)"),
+    ("sweep key set twice", lambda f: ["sweep", f"{f}/sweep_twice.toml"], "'client.batch_size' is set by two axes"),
+    ("sweep base", lambda f: ["sweep", f"{f}/sweep_no_base.toml"], "/nonexistent/base.toml"),
+    ("sweep unknown key", lambda f: ["sweep", f"{f}/sweep_unknown.toml"], "paralel: unknown key"),
+    ("sweep config key", lambda f: ["sweep", f"{f}/sweep_bad_key.toml"], "federation.roundz: unknown key"),
+    ("sweep point data", lambda f: ["sweep", f"{f}/sweep_no_data.toml"], "/nonexistent/data.npz"),
+    ("sweep override", lambda f: ["sweep", f"{f}/sweep_bad_key.toml", "--set", "bogus=1"], "bogus: unknown key"),
+    # fedsim report
+    ("report missing", ["report", "/nonexistent/run"], "not a directory: /nonexistent/run"),
+    ("report empty", lambda f: ["report", f"{f}/empty"], "holds no run"),
     ("train-victim model", ["train-victim", "--model", "nope", "--output", "/tmp/x.pt"], "nope"),
     ("train-victim data", lambda f: ["train-victim", "--dataset", f"{f}/empty", "--output", "/tmp/x.pt"],
      "holds no images"),
@@ -171,3 +198,27 @@ def test_a_gpu_request_without_a_gpu_exits_at_once_as_a_process(data_dir):
                           text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_run_directory_another_process_writes_is_one_line(data_dir, tmp_path, monkeypatch):
+    """Two runs must never write one directory (a sweep's cut-off point and its continuation, say)."""
+    import os
+
+    from fedsim.results import RunLock
+
+    monkeypatch.chdir(ROOT)
+    script = (f"import time; from fedsim.results import RunLock; held = RunLock({str(tmp_path / 'busy')!r}); "
+              "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = CliRunner().invoke(app, ["run", QUICKSTART, "--set", f'output_dir="{tmp_path}"', "--set",
+                                          'name="busy"', "--quiet"])
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1, result.stderr
+        assert f"in use by another fedsim process (pid {holder.pid})" in lines[0]
+    finally:
+        holder.kill()
+        holder.wait()
+    RunLock(tmp_path / "busy").release()  # the kernel dropped the dead holder's lock
+    assert os.path.isfile(tmp_path / "busy" / ".lock")

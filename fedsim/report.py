@@ -1,0 +1,669 @@
+"""``fedsim report``: one self-contained HTML page for a run or a sweep directory.
+
+Everything is embedded (plots as PNG data URIs drawn with matplotlib, reconstructions as PNGs), so the file can be
+mailed, attached to a paper's supplement or opened offline. A run's page shows its leakage per round (mean over
+the attacked images with the spread over images, and the best image of each batch), its utility per round (test
+accuracy, and epsilon when a DP defense runs), every attacked batch with each reconstruction captioned by its PSNR,
+the GIML prior's samples per round when a learnt prior ran, and the resolved config. A sweep's page adds the
+privacy-utility picture: leakage against final test accuracy per point, leakage and accuracy along each axis, a
+summary table, then each point's own reconstructions.
+
+Reads only what a run writes (``leakage.parquet``, ``rounds.parquet``, ``reconstructions/``, ``attacker/``,
+``config.json``; a sweep's ``sweep.json`` and ``points/``), so a report can be rebuilt at any time, also of a run
+that is still going.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .evaluation import batch_file_name
+
+METRICS = (("psnr", "PSNR (dB)", "higher leaks more"), ("ssim", "SSIM", "higher leaks more"),
+           ("lpips", "LPIPS", "lower leaks more"), ("label_accuracy", "label accuracy", "higher leaks more"))
+MAX_IMAGES_PER_BATCH = 32  # shown per attacked batch (the rest are in the run's npz files)
+
+
+class ReportError(ValueError):
+    """A directory that holds no run or sweep; one line."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reading a run directory
+
+
+def _read(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except (FileNotFoundError, OSError, ValueError):
+        return pd.DataFrame()
+
+
+@dataclass
+class Batch:
+    """One attacked batch as the evaluator kept it (image i of ``reconstruction`` is matched to ground truth i)."""
+
+    round: int
+    client_id: int
+    attack: str
+    ground_truth: np.ndarray  # (N, H, W, C) uint8
+    reconstruction: np.ndarray
+    psnr: np.ndarray
+    ssim: np.ndarray
+    lpips: np.ndarray
+    true_labels: np.ndarray
+    recovered_labels: np.ndarray
+
+
+def read_batch(path: Path) -> Batch | None:
+    match = re.fullmatch(r"r(\d+)_c(-?\d+)_(.+)\.npz", path.name)
+    if not match:
+        return None
+    try:
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError):
+        return None  # being written right now, or cut off by a kill: the row is missing too
+    return Batch(int(match[1]), int(match[2]), match[3], **arrays)
+
+
+@dataclass
+class RunData:
+    root: Path
+    config: dict
+    leakage: pd.DataFrame
+    rounds: pd.DataFrame
+    failures: pd.DataFrame
+    prior_samples: list[tuple[int, Path]]  # (round, png) of a learnt prior's fixed-latent samples
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("name") or self.root.name)
+
+    def batch(self, round_: int, client_id: int, attack: str) -> Batch | None:
+        path = self.root / "reconstructions" / batch_file_name(round_, client_id, attack)
+        return read_batch(path) if path.is_file() else None
+
+    def image_scores(self) -> pd.DataFrame:
+        """One row per attacked image of every finished row: round, client_id, attack, psnr, ssim, lpips."""
+        parts = []
+        for row in self.ok().itertuples():
+            b = self.batch(int(row.round), int(row.client_id), str(row.attack))
+            if b is None:
+                continue
+            parts.append(pd.DataFrame({"round": int(row.round), "client_id": int(row.client_id),
+                                       "attack": str(row.attack), "psnr": b.psnr.astype(float),
+                                       "ssim": b.ssim.astype(float), "lpips": b.lpips.astype(float)}))
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+            columns=["round", "client_id", "attack", "psnr", "ssim", "lpips"])
+
+    def ok(self) -> pd.DataFrame:
+        if not len(self.leakage):
+            return self.leakage
+        return self.leakage[self.leakage.status == "ok"]
+
+
+def load_run(root: Path) -> RunData:
+    root = Path(root)
+    try:
+        config = json.loads((root / "config.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        config = {}
+    samples = []
+    for png in sorted((root / "attacker").glob("*/samples_round_*.png")):
+        match = re.search(r"samples_round_(\d+)\.png$", png.name)
+        if match:
+            samples.append((int(match[1]), png))
+    return RunData(root, config, _read(root / "leakage.parquet"), _read(root / "rounds.parquet"),
+                   _read(root / "failures.parquet"), samples)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Figures
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 9, "axes.spines.top": False, "axes.spines.right": False,
+                         "axes.grid": True, "grid.alpha": 0.3, "figure.dpi": 110})
+    return plt
+
+
+def _figure_uri(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    _pyplot().close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def image_uri(array: np.ndarray) -> str:
+    """(H, W, C) uint8 -> a PNG data URI."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    img.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def file_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def _note(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, wrap=True, color="0.35")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def per_round_leakage(run: RunData) -> pd.DataFrame:
+    """Per (attack, round): mean and std over attacked images of PSNR/SSIM/LPIPS, the mean of the batches' best
+    image, and label accuracy over updates (mean, std). Images are counted once each (a batch of 16 weighs 16)."""
+    ok = run.ok()
+    if not len(ok):
+        return pd.DataFrame()
+    images = run.image_scores()
+    out = []
+    for (attack, rnd), rows in ok.groupby(["attack", "round"], sort=True):
+        record: dict[str, Any] = {"attack": attack, "round": int(rnd), "updates": len(rows),
+                                  "images": int(rows.batch_size.sum())}
+        per_image = images[(images.attack == attack) & (images["round"] == rnd)]
+        for metric in ("psnr", "ssim", "lpips"):
+            if len(per_image):
+                values = per_image[metric].astype(float)
+            else:  # a run from before per-image files: each row's batch mean stands for its images
+                values = rows[f"{metric}_mean"].astype(float).repeat(rows.batch_size.astype(int).clip(lower=1))
+            record[f"{metric}_mean"] = float(values.mean()) if values.notna().any() else math.nan
+            record[f"{metric}_std"] = float(values.std(ddof=0)) if values.notna().any() else math.nan
+            best = rows[f"{metric}_best"].astype(float)
+            record[f"{metric}_best"] = float(best.mean()) if best.notna().any() else math.nan
+        labels = rows.label_accuracy.astype(float)
+        record["label_accuracy_mean"] = float(labels.mean()) if labels.notna().any() else math.nan
+        record["label_accuracy_std"] = float(labels.std(ddof=0)) if labels.notna().any() else math.nan
+        record["label_accuracy_best"] = math.nan
+        out.append(record)
+    return pd.DataFrame(out)
+
+
+def leakage_figure(run: RunData) -> str | None:
+    table = per_round_leakage(run)
+    if not len(table):
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.1))
+    attacks = list(dict.fromkeys(table.attack))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (metric, title, direction) in zip(axes, METRICS):
+        if table[f"{metric}_mean"].isna().all():
+            why = ("not computed: AlexNet's weights\nare not in the torch cache" if metric == "lpips"
+                   else "not available")
+            _note(ax, why)
+            ax.set_title(f"{title}: {direction}", fontsize=9)
+            continue
+        for i, attack in enumerate(attacks):
+            rows = table[table.attack == attack].sort_values("round")
+            c = colours[i % len(colours)]
+            x, mean, std = rows["round"], rows[f"{metric}_mean"], rows[f"{metric}_std"].fillna(0)
+            if len(rows) > 1:  # a band over rounds; a lone round gets an error bar
+                ax.plot(x, mean, "o-", color=c, label=f"{attack} (mean ± std)", ms=4)
+                ax.fill_between(x, mean - std, mean + std, color=c, alpha=0.18, lw=0)
+            else:
+                ax.errorbar(x, mean, yerr=std, fmt="o", color=c, capsize=3, ms=4, label=f"{attack} (mean ± std)")
+            if rows[f"{metric}_best"].notna().any():
+                ax.plot(x, rows[f"{metric}_best"], "^--", color=c, lw=1, ms=3, alpha=0.8,
+                        label=f"{attack} (best in batch)")
+        ax.set_title(f"{title}: {direction}", fontsize=9)
+        ax.set_xlabel("round")
+        rounds = sorted(set(table["round"]))
+        if len(rounds) <= 12:
+            ax.set_xticks(rounds)
+        else:
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        if len(rounds) == 1:
+            ax.set_xlim(rounds[0] - 1, rounds[0] + 1)
+        if metric == "label_accuracy":
+            ax.set_ylim(-0.03, 1.03)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), frameon=False,
+                   bbox_to_anchor=(0.5, -0.12))
+    fig.tight_layout()
+    return _figure_uri(fig)
+
+
+def has_epsilon(rounds: pd.DataFrame) -> bool:
+    return "epsilon" in rounds and bool(np.isfinite(rounds.epsilon.astype(float)).any())
+
+
+def utility_figure(run: RunData) -> str | None:
+    rounds = run.rounds
+    if not len(rounds) or "test_accuracy" not in rounds:
+        return None
+    plt = _pyplot()
+    rounds = rounds.sort_values("round")
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(rounds["round"], rounds.test_accuracy, "o-", ms=3, color="C2", label="test accuracy")
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy of the global model")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    if has_epsilon(rounds):
+        twin = ax.twinx()
+        eps = rounds.epsilon.astype(float)
+        twin.plot(rounds["round"], eps, "s--", ms=3, color="C3", label="epsilon")
+        twin.set_ylabel(f"epsilon (delta = {run.config.get('privacy', {}).get('delta', 1e-5):g})")
+        twin.grid(False)
+        twin.spines["right"].set_visible(True)
+        fig.legend(loc="upper center", ncol=2, frameon=False, bbox_to_anchor=(0.5, 1.08))
+    fig.tight_layout()
+    return _figure_uri(fig)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sweep directories
+
+
+@dataclass
+class SweepData:
+    root: Path
+    meta: dict
+    columns: list[str]
+    summary: pd.DataFrame
+    rounds: pd.DataFrame
+    points: list[tuple[str, dict, RunData]] = field(default_factory=list)  # (directory name, point.json, run)
+
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("spec", {}).get("name") or self.root.name)
+
+
+def load_sweep_dir(root: Path) -> SweepData:
+    from .sweep import summarise
+
+    meta = json.loads((root / "sweep.json").read_text())
+    columns = list(meta.get("columns", []))
+    points = []
+    for name in meta.get("points", []):
+        directory = root / "points" / name
+        try:
+            state = json.loads((directory / "point.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            state = {}
+        points.append((name, state, load_run(directory)))
+    summary = _read(root / "summary.parquet")
+    leakage = _read(root / "leakage.parquet")
+    rounds = _read(root / "rounds.parquet")
+    if len(leakage) and not len(summary):
+        summary = summarise(leakage, rounds, ["point", *columns])
+    return SweepData(root, meta, columns, summary, rounds, points)
+
+
+def _axis_order(sweep: SweepData, column: str) -> list:
+    """An axis's values in the sweep file's order."""
+    for axis in sweep.meta.get("spec", {}).get("axes", []):
+        if axis.get("key") == column:
+            return [_hashable(v) for v in axis.get("values") or []]
+        if axis.get("name") == column:
+            return [p["label"] for p in axis.get("points") or []]
+    return []
+
+
+def _hashable(value: Any) -> Any:
+    return value if isinstance(value, (int, float, str, bool)) or value is None else json.dumps(value)
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def privacy_utility_figure(sweep: SweepData) -> str | None:
+    """Leakage (mean PSNR over every attacked image of a point) against the point's final test accuracy, one
+    panel per attack; colour is the axis with the fewest values, labels the others (with epsilon where DP runs)."""
+    summary = sweep.summary
+    if not len(summary) or "test_accuracy" not in summary:
+        return None
+    plt = _pyplot()
+    attacks = list(dict.fromkeys(summary.attack))
+    fig, axes = plt.subplots(1, len(attacks), figsize=(4.6 * len(attacks), 4), squeeze=False)
+    colour_axis = min(reversed(sweep.columns), key=lambda c: summary[c].nunique())
+    label_axes = [c for c in sweep.columns if c != colour_axis]
+    order = _axis_order(sweep, colour_axis) or list(dict.fromkeys(summary[colour_axis]))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, attack in zip(axes[0], attacks):
+        rows = summary[summary.attack == attack]
+        for j, value in enumerate(order):
+            sel = rows[rows[colour_axis] == value]
+            if not len(sel):
+                continue
+            ax.scatter(sel.test_accuracy, sel.psnr_mean, color=colours[j % len(colours)], s=28,
+                       label=f"{colour_axis} = {_value_text(value)}", zorder=3)
+            for r in sel.itertuples(index=False):
+                r = r._asdict()
+                text = ", ".join(_value_text(r[c]) for c in label_axes if c in r)
+                eps = r.get("epsilon", math.nan)
+                if isinstance(eps, float) and math.isfinite(eps):
+                    text += f" (ε={eps:.3g})"
+                ax.annotate(text, (r["test_accuracy"], r["psnr_mean"]), fontsize=6.5, xytext=(3, 3),
+                            textcoords="offset points", color="0.25")
+        ax.set_title(attack)
+        ax.set_xlabel("final test accuracy (utility)")
+        ax.set_ylabel("PSNR, mean over attacked images (leakage, dB)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, bbox_to_anchor=(0.5, -0.06))
+    fig.tight_layout()
+    return _figure_uri(fig)
+
+
+def axis_figures(sweep: SweepData) -> list[tuple[str, str]]:
+    """Per axis: leakage (mean PSNR with the spread over images) along the axis' values, one line per
+    combination of the other axes, beside the final test accuracy on the right-hand scale."""
+    summary = sweep.summary
+    if not len(summary):
+        return []
+    plt = _pyplot()
+    out = []
+    attacks = list(dict.fromkeys(summary.attack))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for column in sweep.columns:
+        order = _axis_order(sweep, column) or list(dict.fromkeys(summary[column]))
+        position = {v: i for i, v in enumerate(order)}
+        others = [c for c in sweep.columns if c != column]
+        fig, axes = plt.subplots(1, len(attacks), figsize=(max(4.6, 0.5 * len(order) + 2.5) * len(attacks), 3.6),
+                                 squeeze=False)
+        for ax, attack in zip(axes[0], attacks):
+            rows = summary[summary.attack == attack]
+            twin = ax.twinx() if "test_accuracy" in rows else None
+            groups = rows.groupby(others, sort=False) if others else [((), rows)]
+            for j, (key, sel) in enumerate(groups):
+                key = key if isinstance(key, tuple) else (key,)
+                sel = sel.assign(_x=sel[column].map(position)).dropna(subset=["_x"]).sort_values("_x")
+                c = colours[j % len(colours)]
+                name = ", ".join(f"{o}={_value_text(k)}" for o, k in zip(others, key)) or "leakage"
+                spread = sel["psnr_image_std"] if "psnr_image_std" in sel else sel["psnr_mean_std"]
+                ax.errorbar(sel._x, sel.psnr_mean, yerr=spread.fillna(0), fmt="o-", color=c, ms=4, capsize=2,
+                            label=name)
+                if twin is not None:
+                    twin.plot(sel._x, sel.test_accuracy, "x:", color=c, alpha=0.8)
+            ax.set_xticks(range(len(order)), [_value_text(v) for v in order], rotation=30, ha="right")
+            ax.set_xlabel(column)
+            ax.set_ylabel("PSNR (dB), mean ± std over images")
+            ax.set_title(attack)
+            if twin is not None:
+                twin.set_ylabel("final test accuracy (dotted)")
+                twin.grid(False)
+                twin.spines["right"].set_visible(True)
+            ax.legend(fontsize=7, frameon=False)
+        fig.tight_layout()
+        out.append((column, _figure_uri(fig)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Page sections
+
+
+def _format(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (float, np.floating)):
+        return "–" if not math.isfinite(float(value)) else f"{float(value):.{digits}f}"
+    return str(value)
+
+
+def run_summary_table(run: RunData) -> list[list[str]]:
+    rows = [["attack", "updates", "images", "PSNR mean ± std", "PSNR best", "SSIM", "LPIPS", "label acc",
+             "seconds per update", "errors"]]
+    if not len(run.leakage):
+        return rows
+    images = run.image_scores()
+    for attack, group in run.leakage.groupby("attack", sort=False):
+        ok = group[group.status == "ok"]
+        per_image = images[images.attack == attack]
+        psnr = per_image.psnr if len(per_image) else ok.psnr_mean.repeat(ok.batch_size.clip(lower=1))
+        ssim = per_image.ssim if len(per_image) else ok.ssim_mean
+        lpips = per_image.lpips if len(per_image) else ok.lpips_mean
+        rows.append([attack, str(len(ok)), str(int(ok.batch_size.sum())),
+                     f"{_format(psnr.mean())} ± {_format(psnr.std(ddof=0))}" if len(psnr) else "–",
+                     _format(ok.psnr_best.mean()), _format(ssim.mean(), 3), _format(lpips.mean(), 3),
+                     _format(ok.label_accuracy.mean(), 3), _format(ok.attack_seconds.mean(), 1),
+                     str(int((group.status != "ok").sum()))])
+    return rows
+
+
+def run_facts(run: RunData) -> list[tuple[str, str]]:
+    c = run.config
+    if not c:
+        return []
+    fed, client, data, model, threat = (c.get(k, {}) for k in ("federation", "client", "data", "model", "threat"))
+    defenses = ", ".join(_spec_text(d) for d in c.get("defenses", [])) or "none"
+    attacks = ", ".join(_spec_text(a, keep=("iterations", "restarts", "prior")) for a in c.get("attacks", []))
+    if fed:
+        data_text = f"{data.get('dataset')} ({data.get('partition')} partition)"
+    else:  # fedsim attack: chosen images, no federation
+        data_text = f"{data.get('dataset')}, images {_index_text(data.get('indices', []))} in batches of " \
+                    f"{data.get('batch_size')}"
+    facts = [("data", data_text),
+             ("victim", f"{model.get('name')}" + (f" from {model['checkpoint']}" if model.get("checkpoint") else
+                                                 " (untrained)"))]
+    if fed:
+        facts.append(("federation", f"{fed.get('num_clients')} clients, {fed.get('clients_per_round')} per round, "
+                                    f"{fed.get('rounds')} rounds ({fed.get('sampling', 'fixed')} sampling)"))
+    facts += [("client", f"{client.get('mode')}, lr {client.get('lr')}, batch {client.get('batch_size')}"
+                         + (f", {client.get('epochs')} epochs" if client.get("mode") == "fedavg" else "")),
+              ("defenses", defenses), ("attacks", attacks or "none"),
+              ("threat model", f"labels {threat.get('labels')}"
+                               + (", secure aggregation" if threat.get("secure_aggregation") else ""))]
+    if fed:
+        facts.append(("attacked", f"{c.get('attack', {}).get('clients_per_round')} clients per round"
+                                  + (f", rounds {c['attack']['rounds']}" if c.get("attack", {}).get("rounds")
+                                     else "")))
+    if has_epsilon(run.rounds):
+        last = run.rounds.sort_values("round").iloc[-1]
+        facts.append(("privacy", f"ε = {float(last.epsilon):.3g} after round {int(last['round'])} "
+                                 f"(δ = {c.get('privacy', {}).get('delta', 1e-5):g}, Opacus RDP accountant)"))
+    if len(run.rounds):
+        r = run.rounds.sort_values("round")
+        facts.append(("utility", f"test accuracy {float(r.test_accuracy.iloc[0]):.3f} (round 0) → "
+                                 f"{float(r.test_accuracy.iloc[-1]):.3f} (round {int(r['round'].iloc[-1])})"))
+    return facts
+
+
+def _index_text(indices: list[int]) -> str:
+    if indices and list(indices) == list(range(indices[0], indices[0] + len(indices))):
+        return f"{indices[0]}-{indices[-1]}"
+    return ",".join(map(str, indices))
+
+
+def _spec_text(spec: dict, keep: tuple[str, ...] | None = None) -> str:
+    params = {k: v for k, v in spec.items() if k != "name" and v is not None and (keep is None or k in keep)}
+    return spec.get("name", "?") + (" (" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")" if params else "")
+
+
+@dataclass
+class Cell:
+    uri: str
+    caption: str
+    title: str = ""
+
+
+@dataclass
+class BatchView:
+    """One attacked update: ground truth, then one row per attack, each image captioned."""
+
+    round: int
+    client: str
+    rows: list[tuple[str, list[Cell]]]
+    note: str = ""
+
+
+def batch_views(run: RunData, rounds: list[int] | None = None) -> list[BatchView]:
+    ok = run.ok()
+    if not len(ok):
+        return []
+    views = []
+    for (rnd, client), rows in ok.groupby(["round", "client_id"], sort=True):
+        if rounds is not None and int(rnd) not in rounds:
+            continue
+        view = BatchView(int(rnd), "aggregate (secure aggregation)" if client == -1 else str(int(client)), [])
+        truth: list[Cell] | None = None
+        for attack in rows.attack:
+            b = run.batch(int(rnd), int(client), str(attack))
+            if b is None:
+                continue
+            n = min(len(b.psnr), MAX_IMAGES_PER_BATCH)
+            if len(b.psnr) > n:
+                view.note = f"first {n} of {len(b.psnr)} images shown"
+            if truth is None:
+                labels = b.true_labels if len(b.true_labels) == len(b.psnr) else [None] * len(b.psnr)
+                truth = [Cell(image_uri(b.ground_truth[i]), f"label {labels[i]}" if labels[i] is not None else "")
+                         for i in range(n)]
+            view.rows.append((str(attack), [
+                Cell(image_uri(b.reconstruction[i]), f"{b.psnr[i]:.1f} dB",
+                     f"PSNR {b.psnr[i]:.2f} dB, SSIM {b.ssim[i]:.3f}"
+                     + (f", LPIPS {b.lpips[i]:.3f}" if np.isfinite(b.lpips[i]) else ""))
+                for i in range(n)]))
+        if truth is not None:
+            view.rows.insert(0, ("ground truth", truth))
+            views.append(view)
+    return views
+
+
+def prior_views(run: RunData, limit: int = 12) -> list[Cell]:
+    samples = run.prior_samples
+    if len(samples) > limit:  # evenly spaced, always the first and the last
+        keep = sorted(set(np.linspace(0, len(samples) - 1, limit).round().astype(int)))
+        samples = [samples[i] for i in keep]
+    return [Cell(file_uri(path), f"after round {rnd}") for rnd, path in samples]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# HTML
+
+
+def _template():
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    env = Environment(loader=PackageLoader("fedsim", "templates"), autoescape=select_autoescape(["html"]),
+                      trim_blocks=True, lstrip_blocks=True)
+    env.filters["fmt"] = _format
+    return env.get_template("report.html")
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, indent=2, default=str)
+
+
+def config_text(config: dict) -> str:
+    """The resolved config as TOML (the format it is written in; keys whose value is unset are left out)."""
+    import tomli_w
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items() if x is not None}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v if x is not None]
+        return v
+
+    try:
+        return tomli_w.dumps(clean(config))
+    except (TypeError, ValueError):
+        return _json_text(config)
+
+
+def run_context(run: RunData) -> dict:
+    return {"facts": run_facts(run), "summary": run_summary_table(run), "leakage_plot": leakage_figure(run),
+            "utility_plot": utility_figure(run), "batches": batch_views(run), "prior": prior_views(run),
+            "failures": run.failures.to_dict("records") if len(run.failures) else [],
+            "errors": run.leakage[run.leakage.status != "ok"].reindex(columns=["round", "client_id", "attack",
+                                                                               "error"]).to_dict("records")
+            if len(run.leakage) else [],
+            "config": config_text(run.config)}
+
+
+def sweep_summary_table(sweep: SweepData) -> list[list[str]]:
+    s = sweep.summary
+    head = [*sweep.columns, "attack", "images", "PSNR", "PSNR best", "SSIM", "LPIPS", "label acc",
+            "test acc", "ε"]
+    rows = [head]
+    if not len(s):
+        return rows
+    for r in s.to_dict("records"):
+        spread = r.get("psnr_image_std", r.get("psnr_mean_std", math.nan))
+        rows.append([*(_value_text(r[c]) for c in sweep.columns), r["attack"], str(int(r["images"])),
+                     f"{_format(r['psnr_mean'])} ± {_format(spread)}", _format(r["psnr_best"]),
+                     _format(r["ssim_mean"], 3), _format(r["lpips_mean"], 3), _format(r["label_accuracy"], 3),
+                     _format(r.get("test_accuracy"), 3), _format(r.get("epsilon"), 3)])
+    return rows
+
+
+def sweep_context(sweep: SweepData) -> dict:
+    points = []
+    for name, state, run in sweep.points:
+        status = state.get("status", "not started")
+        values = state.get("values", {})
+        label = ", ".join(f"{k} = {_value_text(v)}" for k, v in values.items()) or name
+        attacked = sorted({int(r) for r in run.ok()["round"]}) if len(run.ok()) else []
+        points.append({"name": name, "label": label, "status": status, "error": state.get("error", ""),
+                       "facts": run_facts(run), "summary": run_summary_table(run),
+                       "batches": batch_views(run, attacked[:1]) if attacked else [],
+                       "leakage_plot": leakage_figure(run) if len(attacked) > 1 else None,
+                       "utility_plot": utility_figure(run)})
+    spec = sweep.meta.get("spec", {})
+    base = Path(sweep.meta.get("base", ""))
+    try:
+        base_text = base.read_text()
+    except OSError:
+        base_text = ""
+    done = sum(p["status"] == "done" for p in points)
+    return {"columns": sweep.columns, "summary": sweep_summary_table(sweep),
+            "privacy_utility": privacy_utility_figure(sweep), "axis_plots": axis_figures(sweep),
+            "points": points, "done": done, "total": len(points), "spec": config_text(spec),
+            "base_name": base.name, "base_text": base_text}
+
+
+def build_report(path: Path, output: Path | None = None) -> Path:
+    """Write the HTML report of a run or sweep directory; returns its path (default ``<dir>/report.html``)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ReportError(f"not a directory: {path}")
+    if (path / "sweep.json").is_file():
+        sweep = load_sweep_dir(path)
+        kind, title, context = "sweep", sweep.name, sweep_context(sweep)
+    elif any((path / f).is_file() for f in ("leakage.parquet", "rounds.parquet")):
+        run = load_run(path)
+        kind, title, context = "run", run.name, run_context(run)
+    else:
+        raise ReportError(f"{path} holds no run (leakage.parquet, rounds.parquet) and no sweep (sweep.json)")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        fedsim_version = version("fedsim")
+    except PackageNotFoundError:
+        fedsim_version = "unknown"
+    page = _template().render(kind=kind, title=title, source=str(path.resolve()), version=fedsim_version,
+                              created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **context)
+    output = Path(output) if output else path / "report.html"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(output)
+    return output
+
+

@@ -1,0 +1,159 @@
+"""``fedsim sweep``: a 6-point grid of real federations, killed part-way and continued."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedsim.sweep import load_sweep, toml_value
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SWEEP = """
+base = "{base}"
+name = "grid"
+output_dir = "{out}"
+[set]
+"federation.num_clients" = 2
+"federation.clients_per_round" = 2
+"federation.rounds" = 2
+"data.test_samples" = 20
+"attack.clients_per_round" = 1
+"attack.executor" = "inline"
+"attack.rounds" = [2]
+"attacks.0.iterations" = 30
+"attacks.0.restarts" = 1
+[[axes]]
+key = "client.batch_size"
+values = [1, 2]
+[[axes]]
+name = "defense"
+points = [{{label = "none", set = {{defenses = []}}}},
+          {{label = "DP", set = {{defenses = [{{name = "client_dp", clip = 1.0, noise_multiplier = 0.5}}]}}}},
+          {{label = "top-k 10%", set = {{defenses = [{{name = "topk", fraction = 0.1}}]}}}}]
+"""
+
+
+def states(root: Path) -> dict[str, dict]:
+    out = {}
+    for f in sorted((root / "points").glob("*/point.json")):
+        try:
+            out[f.parent.name] = json.loads(f.read_text())
+        except json.JSONDecodeError:  # being replaced right now
+            pass
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        return "(zombie)" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def test_toml_values_read_back_as_written():
+    import tomllib
+
+    value = {"defenses": [{"name": "gaussian_noise", "std": 1e-4, "clip": 2.5}], "flag": True,
+             "label": 'a "quoted" name', "rounds": [1, 2]}
+    assert tomllib.loads(f"v = {toml_value(value)}")["v"] == value
+
+
+def test_a_killed_sweep_continues_without_rerunning_finished_points(tmp_path, data_dir):
+    spec = tmp_path / "grid.toml"
+    spec.write_text(SWEEP.format(base=ROOT / "experiments" / "quickstart.toml", out=tmp_path / "sweeps"))
+    grid = load_sweep(spec)
+    assert len(grid.points) == 6
+    root = grid.root
+    cmd = [sys.executable, "-m", "fedsim.cli", "sweep", str(spec)]
+    env = {**os.environ, "FEDSIM_DATA_DIR": str(data_dir)}
+
+    # Kill the whole sweep (driver, its Ray and the running point) once two points are done.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    while sum(s.get("status") == "done" for s in states(root).values()) < 2:
+        assert proc.poll() is None, "the sweep ended before it was killed"
+        assert time.time() < deadline, "two points did not finish in 10 minutes"
+        time.sleep(0.5)
+    time.sleep(4)  # into the third point
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = states(root)
+    finished = {name for name, s in before.items() if s["status"] == "done"}
+    assert 2 <= len(finished) < 6
+    stamps = {name: (root / "points" / name / "leakage.parquet").stat().st_mtime_ns for name in finished}
+    partial = pd.read_parquet(root / "leakage.parquet")
+    assert set(partial.point) == finished  # the table already holds every finished point's rows
+
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{len(finished)} of 6 points already finished" in done.stdout
+    after = states(root)
+    assert len(after) == 6 and all(s["status"] == "done" for s in after.values())
+    for name in finished:  # not rerun: one attempt, rows untouched
+        assert len(after[name]["attempts"]) == 1
+        assert (root / "points" / name / "leakage.parquet").stat().st_mtime_ns == stamps[name]
+    cut = [name for name, s in before.items() if s["status"] == "running"]
+    for name in cut:  # the point's own process died with the sweep (it would write beside the continued sweep)
+        pid = before[name]["attempts"][-1]["pid"]
+        deadline = time.time() + 30
+        while alive(pid):
+            assert time.time() < deadline, f"point process {pid} outlived the killed sweep"
+            time.sleep(0.2)
+    for name in cut:  # the point the kill cut off ran again, from where it stopped
+        assert len(after[name]["attempts"]) == 2
+
+    leakage, rounds = pd.read_parquet(root / "leakage.parquet"), pd.read_parquet(root / "rounds.parquet")
+    summary = pd.read_parquet(root / "summary.parquet")
+    assert set(leakage.point) == set(after) and len(leakage) == 6  # round 2 only, one attacked client per point
+    assert (leakage["round"] == 2).all() and (leakage.status == "ok").all()
+    assert (leakage["client.batch_size"] == leakage.batch_size).all()  # the swept value is the one that ran
+    assert sorted(set(leakage.defense)) == ["DP", "none", "top-k 10%"]
+    assert leakage.groupby("point").defenses.first().str.contains("topk").sum() == 2
+    assert len(rounds) == 6 * 3 and set(rounds["round"]) == {0, 1, 2}
+    assert len(summary) == 6 and (summary.images == summary["client.batch_size"]).all()
+    assert summary.test_accuracy.notna().all() and (summary.final_round == 2).all()
+    dp = summary.defense == "DP"
+    assert np.isfinite(summary.epsilon[dp]).all() and summary.epsilon[~dp].isna().all()
+    assert (summary.psnr_image_std[summary.images > 1] > 0).all()  # the spread over a point's images
+    # every point's own table agrees with the sweep's copy
+    for name in after:
+        own = pd.read_parquet(root / "points" / name / "leakage.parquet")
+        assert list(own.psnr_mean) == list(leakage[leakage.point == name].psnr_mean)
+    sweep_report_renders(root, summary)
+
+
+def sweep_report_renders(root: Path, summary: pd.DataFrame) -> None:
+    """The sweep's HTML report in headless Chromium: every plot and reconstruction loaded (FEDSIM_BROWSER)."""
+    browser = os.environ.get("FEDSIM_BROWSER")
+    page = root / "report.html"
+    done = subprocess.run([sys.executable, "-m", "fedsim.cli", "report", str(root)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    html = page.read_text()
+    assert html.count("<details>") == 6 and "leakage against test accuracy" in html
+    if not browser:
+        return
+    if not Path(browser).is_file():
+        pytest.fail(f"FEDSIM_BROWSER={browser} is not a file")
+    from browser import render
+
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shown = render(Path(browser), page, artifacts / "sweep_report.png")
+    assert all(i["width"] > 0 for i in shown.images), [i["alt"] for i in shown.images if i["width"] == 0]
+    alts = [i["alt"] for i in shown.images]
+    assert alts.count("leakage against test accuracy") == 1
+    assert sum(a.startswith("leakage along ") for a in alts) == 2  # one per axis
+    # each point shows its attacked round: ground truth and reconstruction per image
+    assert sum(a.startswith("ground truth") for a in alts) == int(summary.images.sum())
+    for eps in summary.epsilon.dropna():
+        assert f"{eps:.3f}" in shown.text  # the table's epsilon column
