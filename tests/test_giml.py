@@ -93,7 +93,7 @@ def test_a_killed_giml_run_resumes_from_its_last_prior_checkpoint(tmp_path, data
     overrides = [f'output_dir="{tmp_path}"', 'name="giml"', "federation.num_clients=4", "federation.clients_per_round=2",
                  "federation.rounds=30", "data.test_samples=50", 'attack.executor="inline"',
                  'attacks=[{name="giml", attack="gi_w", iterations=20, restarts=1, meta_steps=1, tasks_per_step=2, '
-                 'task_latent_iterations=5, task_weight_steps=2, generator_params={ngf=8}, samples=0}]']
+                 'task_latent_iterations=5, task_weight_steps=2, generator_params={ngf=8}, samples=4}]']
     cmd = [sys.executable, "-m", "fedsim.cli", "run", "experiments/quickstart.toml", "--quiet"]
     for o in overrides:
         cmd += ["--set", o]
@@ -123,3 +123,11 @@ def test_a_killed_giml_run_resumes_from_its_last_prior_checkpoint(tmp_path, data
     after = rows[rows["round"] == saved + 1]  # attacked with the restored prior
     assert len(after) == 2
     assert (after.prior_meta_steps == expected_steps).all() and (after.prior_round == saved).all(), after
+    # the report shows the prior's samples (at most 12 rounds, evenly spaced, the first and the last among them)
+    from fedsim.report import build_report
+
+    samples = sorted(state.glob("samples_round_*.png"))
+    page = build_report(tmp_path / "giml").read_text()
+    shown = page.count('<figure class="prior">')
+    assert len(samples) >= saved and shown == min(len(samples), 12)
+    assert f"after round {len(samples)}<" in page and "after round 1<" in page
