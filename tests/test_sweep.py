@@ -93,11 +93,16 @@ def test_a_killed_sweep_continues_without_rerunning_finished_points(tmp_path, da
     partial = pd.read_parquet(root / "leakage.parquet")
     assert set(partial.point) == finished  # the table already holds every finished point's rows
 
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    # Continue two points at a time: each on its own local Ray with half the cores.
+    done = subprocess.run([*cmd, "--parallel", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"{len(finished)} of 6 points already finished" in done.stdout
     after = states(root)
     assert len(after) == 6 and all(s["status"] == "done" for s in after.values())
+    continued = sorted((s["attempts"][-1]["started"], s["attempts"][-1]["finished"])
+                       for name, s in after.items() if name not in finished)
+    assert any(b[0] < a[1] for a, b in zip(continued, continued[1:]))  # two points ran at the same time
+    assert all("ray.num_cpus=1" in after[name]["command"] for name in after if name not in finished)
     for name in finished:  # not rerun: one attempt, rows untouched
         assert len(after[name]["attempts"]) == 1
         assert (root / "points" / name / "leakage.parquet").stat().st_mtime_ns == stamps[name]
