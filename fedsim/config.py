@@ -305,16 +305,19 @@ def set_key(raw: dict, key: str, value: Any, where: str = "--set") -> None:
         node[last] = value
 
 
+def read_toml(path: str | Path, kind: str = "config") -> dict:
+    """A TOML file as a dict; a missing file or bad TOML is one ConfigError line naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{kind} file not found: {p}")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{p}: not valid TOML: {err}") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{p}: not valid TOML: {err}") from None
+    raw: dict = read_toml(path) if path is not None else {}
     for assignment in overrides or []:
         apply_override(raw, assignment)
     try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import time
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,7 +18,8 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import ClientConfig, ConfigError, _format_validation_error, apply_override, build_threat, registered
+from .config import (ClientConfig, ConfigError, _format_validation_error, apply_override, build_threat, read_toml,
+                     registered)
 from .contract import LABEL_METHODS, build_attack
 from .data import load_dataset
 from .defenses import build_defense
@@ -71,9 +71,7 @@ class Experiment(Strict):
 
 
 def load_experiment(path: Path, overrides: list[str] | None = None) -> Experiment:
-    if not path.is_file():
-        raise ConfigError(f"experiment file not found: {path}")
-    raw = tomllib.loads(path.read_text())
+    raw = read_toml(path, "experiment")
     for assignment in overrides or []:
         apply_override(raw, assignment)
     try:

@@ -35,7 +35,6 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -43,7 +42,8 @@ from typing import Any, Callable
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .config import ConfigError, _format_validation_error, apply_override, load_config, resume_conflict
+from .config import (ConfigError, _format_validation_error, apply_override, load_config, read_toml,
+                     resume_conflict)
 
 
 class Strict(BaseModel):
@@ -164,12 +164,7 @@ def load_sweep(path: Path, overrides: list[str] | None = None) -> Sweep:
     """Read a sweep file, expand its grid and validate every point's config (bad input fails here, before any
     run starts). ``overrides`` (``--set``) apply to every point after the sweep's own keys."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file not found: {path}")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    raw = read_toml(path, "sweep")
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as err:

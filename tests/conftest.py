@@ -1,33 +1,26 @@
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from environment import env_path
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """The real-image fixtures (../shared/data in CI). Unset: skip; set but missing: fail."""
-    value = os.environ.get("FEDSIM_DATA_DIR")
-    if not value:
+    """The real-image fixtures (../shared/data in CI)."""
+    path = env_path("FEDSIM_DATA_DIR", "directory")
+    if path is None:
         pytest.skip("FEDSIM_DATA_DIR is not set: tests on real images are skipped")
-    path = Path(value)
-    if not path.is_dir():
-        pytest.fail(f"FEDSIM_DATA_DIR={value} is not a directory")
     return path
 
 
 @pytest.fixture(scope="session")
 def browser() -> Path:
-    """A Chromium binary for the report's browser tests (Debian's chromium in CI). Unset: skip; set but missing:
-    fail."""
-    value = os.environ.get("FEDSIM_BROWSER")
-    if not value:
+    """A Chromium binary for the report's browser tests (Debian's chromium in CI)."""
+    path = env_path("FEDSIM_BROWSER", "file")
+    if path is None:
         pytest.skip("FEDSIM_BROWSER is not set: headless-browser tests are skipped")
-    path = Path(value)
-    if not path.is_file():
-        pytest.fail(f"FEDSIM_BROWSER={value} is not a file")
     return path
 
 

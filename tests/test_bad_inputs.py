@@ -44,6 +44,7 @@ def files(tmp_path_factory):
                                             '[victims.v]\nmodel = "lenet_zhu"\n[[cases]]\nname = "c"\nvictim = "v"\n'
                                             'attack = { name = "dlg", iterations = 2 }\n')
     sweep = f'base = "{QUICKSTART}"\nname = "s"\noutput_dir = "{d}/sweeps"\n'
+    (d / "broken.toml").write_text('name = "x"\n[data\ndataset = 1\n')
     axis = '[[axes]]\nkey = "client.batch_size"\nvalues = [1, 2]\n'
     (d / "sweep_two_forms.toml").write_text(sweep + '[[axes]]\nkey = "seed"\nvalues = [1]\nname = "x"\n'
                                             'points = [{label = "a", set = {seed = 2}}]\n')
@@ -156,6 +157,8 @@ CASES = [
     ("experiment override", lambda f: ["experiment", f"{f}/cuda_experiment.toml", "--set", "bogus=1"], "bogus"),
     # fedsim sweep: the sweep file and every point's config, before any point runs
     ("sweep missing", ["sweep", "/nonexistent/sweep.toml"], "/nonexistent/sweep.toml"),
+    ("sweep not toml", lambda f: ["sweep", f"{f}/broken.toml"], "broken.toml: not valid TOML"),
+    ("experiment not toml", lambda f: ["experiment", f"{f}/broken.toml"], "broken.toml: not valid TOML"),
     ("sweep axis forms", lambda f: ["sweep", f"{f}/sweep_two_forms.toml"], "either key and values"),
     ("sweep bad point", lambda f: ["sweep", f"{f}/sweep_bad_point.toml"], "point 1 (client.batch_size=1, defense=k)"),
     ("sweep key set twice", lambda f: ["sweep", f"{f}/sweep_twice.toml"], "'client.batch_size' is set by two axes"),

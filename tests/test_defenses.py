@@ -126,8 +126,6 @@ def test_sign_sends_one_bit_per_entry_with_the_layer_scale():
 def test_fedbn_keeps_batchnorm_local_across_rounds_in_a_real_federation(tmp_path, data_dir):
     """One client, FedAvg, 2 rounds: the global BatchNorm state never moves, and replaying the client's second round
     matches the server's model only with the client's own BatchNorm layers from round 1 (its node state)."""
-    import numpy as np
-
     from fedsim.client import choose_samples, client_round
     from fedsim.config import load_config
     from fedsim.federation import _client_process_state, ClientSide, prepare, run_experiment

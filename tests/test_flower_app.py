@@ -55,7 +55,7 @@ def flwr_run(env: dict, overrides: list[str], supernodes: int) -> str:
 
 def test_flwr_run_equals_fedsim_run(reference, flower_env, tmp_path):
     out = tmp_path / "runs"
-    log = flwr_run(flower_env, [f"output_dir={out}", "name=flower", *OVERRIDES], supernodes=4)
+    flwr_run(flower_env, [f"output_dir={out}", "name=flower", *OVERRIDES], supernodes=4)
     assert_same_results(out / "flower", reference)
     assert (out / "flower" / "attacker_workers.json").is_file()
 

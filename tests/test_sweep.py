@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
+from environment import env_path
 
 from fedsim.sweep import load_sweep, toml_value
 
@@ -138,22 +138,20 @@ def test_a_killed_sweep_continues_without_rerunning_finished_points(tmp_path, da
 
 def sweep_report_renders(root: Path, summary: pd.DataFrame) -> None:
     """The sweep's HTML report in headless Chromium: every plot and reconstruction loaded (FEDSIM_BROWSER)."""
-    browser = os.environ.get("FEDSIM_BROWSER")
+    browser = env_path("FEDSIM_BROWSER", "file")
     page = root / "report.html"
     done = subprocess.run([sys.executable, "-m", "fedsim.cli", "report", str(root)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     html = page.read_text()
     assert html.count("<details>") == 6 and "leakage against test accuracy" in html
-    if not browser:
+    if browser is None:
         return
-    if not Path(browser).is_file():
-        pytest.fail(f"FEDSIM_BROWSER={browser} is not a file")
     from browser import render
 
     artifacts = ROOT / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
-    shown = render(Path(browser), page, artifacts / "sweep_report.png")
+    shown = render(browser, page, artifacts / "sweep_report.png")
     assert all(i["width"] > 0 for i in shown.images), [i["alt"] for i in shown.images if i["width"] == 0]
     alts = [i["alt"] for i in shown.images]
     assert alts.count("leakage against test accuracy") == 1
