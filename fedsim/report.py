@@ -33,6 +33,7 @@ from .evaluation import batch_file_name
 METRICS = (("psnr", "PSNR (dB)", "higher leaks more"), ("ssim", "SSIM", "higher leaks more"),
            ("lpips", "LPIPS", "lower leaks more"), ("label_accuracy", "label accuracy", "higher leaks more"))
 MAX_IMAGES_PER_BATCH = 32  # shown per attacked batch (the rest are in the run's npz files)
+SWEEP_IMAGES_PER_POINT = 16  # a sweep point shows this many images of its first attacked round
 
 
 class ReportError(ValueError):
@@ -96,17 +97,19 @@ class RunData:
         return read_batch(path) if path.is_file() else None
 
     def image_scores(self) -> pd.DataFrame:
-        """One row per attacked image of every finished row: round, client_id, attack, psnr, ssim, lpips."""
+        """One row per attacked image of every finished row: round, client_id, attack, image (its index in the
+        client's batch, in sample order), psnr, ssim, lpips."""
         parts = []
         for row in self.ok().itertuples():
             b = self.batch(int(row.round), int(row.client_id), str(row.attack))
             if b is None:
                 continue
             parts.append(pd.DataFrame({"round": int(row.round), "client_id": int(row.client_id),
-                                       "attack": str(row.attack), "psnr": b.psnr.astype(float),
+                                       "attack": str(row.attack), "image": np.arange(len(b.psnr)),
+                                       "psnr": b.psnr.astype(float),
                                        "ssim": b.ssim.astype(float), "lpips": b.lpips.astype(float)}))
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
-            columns=["round", "client_id", "attack", "psnr", "ssim", "lpips"])
+            columns=["round", "client_id", "attack", "image", "psnr", "ssim", "lpips"])
 
     def ok(self) -> pd.DataFrame:
         if not len(self.leakage):
@@ -250,14 +253,21 @@ def has_epsilon(rounds: pd.DataFrame) -> bool:
     return "epsilon" in rounds and bool(np.isfinite(rounds.epsilon.astype(float)).any())
 
 
-def utility_figure(run: RunData) -> str | None:
+def utility_figure(run: RunData, size: tuple[float, float] = (6, 3)) -> str | None:
     rounds = run.rounds
     if not len(rounds) or "test_accuracy" not in rounds:
         return None
     plt = _pyplot()
     rounds = rounds.sort_values("round")
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.plot(rounds["round"], rounds.test_accuracy, "o-", ms=3, color="C2", label="test accuracy")
+    fig, ax = plt.subplots(figsize=size)
+    many = len(rounds) > 40
+    ax.plot(rounds["round"], rounds.test_accuracy, "o-", ms=2 if many else 3, lw=0.6 if many else 1.5,
+            alpha=0.45 if many else 1.0, color="C2", label="test accuracy")
+    if many:  # a round's accuracy on a few hundred images is noisy: show the running mean beside it
+        window = max(3, len(rounds) // 20)
+        ax.plot(rounds["round"], rounds.test_accuracy.rolling(window, min_periods=1).mean(), color="C2", lw=2,
+                label=f"running mean over {window} rounds")
+        ax.legend(frameon=False, fontsize=8, loc="lower right")
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy of the global model")
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -304,11 +314,12 @@ def load_sweep_dir(root: Path) -> SweepData:
         except (FileNotFoundError, json.JSONDecodeError):
             state = {}
         points.append((name, state, load_run(directory)))
-    summary = _read(root / "summary.parquet")
     leakage = _read(root / "leakage.parquet")
     rounds = _read(root / "rounds.parquet")
-    if len(leakage) and not len(summary):
-        summary = summarise(leakage, rounds, ["point", *columns])
+    images = [run.image_scores().assign(point=name) for name, state, run in points if state.get("status") == "done"]
+    images = pd.concat(images, ignore_index=True) if images else None
+    # summarised here, not read from summary.parquet: the page always agrees with the rows it shows
+    summary = summarise(leakage, rounds, ["point", *columns], images) if len(leakage) else pd.DataFrame()
     return SweepData(root, meta, columns, summary, rounds, points)
 
 
@@ -333,10 +344,12 @@ def _value_text(value: Any) -> str:
 
 
 def privacy_utility_figure(sweep: SweepData) -> str | None:
-    """Leakage (mean PSNR over every attacked image of a point) against the point's final test accuracy, one
+    """Leakage (mean PSNR over every attacked image of a point) against the point's utility, one
     panel per attack; colour is the axis with the fewest values, labels the others (with epsilon where DP runs)."""
+    from matplotlib.ticker import MaxNLocator
+
     summary = sweep.summary
-    if not len(summary) or "test_accuracy" not in summary:
+    if not len(summary) or "utility" not in summary:
         return None
     plt = _pyplot()
     attacks = list(dict.fromkeys(summary.attack))
@@ -351,7 +364,7 @@ def privacy_utility_figure(sweep: SweepData) -> str | None:
             sel = rows[rows[colour_axis] == value]
             if not len(sel):
                 continue
-            ax.scatter(sel.test_accuracy, sel.psnr_mean, color=colours[j % len(colours)], s=28,
+            ax.scatter(sel.utility, sel.psnr_mean, color=colours[j % len(colours)], s=28,
                        label=f"{colour_axis} = {_value_text(value)}", zorder=3)
             for r in sel.itertuples(index=False):
                 r = r._asdict()
@@ -359,10 +372,12 @@ def privacy_utility_figure(sweep: SweepData) -> str | None:
                 eps = r.get("epsilon", math.nan)
                 if isinstance(eps, float) and math.isfinite(eps):
                     text += f" (ε={eps:.3g})"
-                ax.annotate(text, (r["test_accuracy"], r["psnr_mean"]), fontsize=6.5, xytext=(3, 3),
+                ax.annotate(text, (r["utility"], r["psnr_mean"]), fontsize=6.5, xytext=(3, 3),
                             textcoords="offset points", color="0.25")
         ax.set_title(attack)
-        ax.set_xlabel("final test accuracy (utility)")
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.ticklabel_format(axis="x", useOffset=False)
+        ax.set_xlabel("utility: test accuracy, mean over the last tenth of the rounds")
         ax.set_ylabel("PSNR, mean over attacked images (leakage, dB)")
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
@@ -373,7 +388,7 @@ def privacy_utility_figure(sweep: SweepData) -> str | None:
 
 def axis_figures(sweep: SweepData) -> list[tuple[str, str]]:
     """Per axis: leakage (mean PSNR with the spread over images) along the axis' values, one line per
-    combination of the other axes, beside the final test accuracy on the right-hand scale."""
+    combination of the other axes, beside the utility on the right-hand scale."""
     summary = sweep.summary
     if not len(summary):
         return []
@@ -385,11 +400,13 @@ def axis_figures(sweep: SweepData) -> list[tuple[str, str]]:
         order = _axis_order(sweep, column) or list(dict.fromkeys(summary[column]))
         position = {v: i for i, v in enumerate(order)}
         others = [c for c in sweep.columns if c != column]
-        fig, axes = plt.subplots(1, len(attacks), figsize=(max(4.6, 0.5 * len(order) + 2.5) * len(attacks), 3.6),
-                                 squeeze=False)
-        for ax, attack in zip(axes[0], attacks):
+        width = max(4.6, 0.55 * len(order) + 2.5)
+        across = width * len(attacks) <= 15  # attacks side by side, or one above the other for long axes
+        shape = (1, len(attacks)) if across else (len(attacks), 1)
+        fig, axes = plt.subplots(*shape, figsize=(width * shape[1], 3.4 * shape[0]), squeeze=False)
+        for ax, attack in zip(axes.flat, attacks):
             rows = summary[summary.attack == attack]
-            twin = ax.twinx() if "test_accuracy" in rows else None
+            twin = ax.twinx() if "utility" in rows else None
             groups = rows.groupby(others, sort=False) if others else [((), rows)]
             for j, (key, sel) in enumerate(groups):
                 key = key if isinstance(key, tuple) else (key,)
@@ -400,16 +417,20 @@ def axis_figures(sweep: SweepData) -> list[tuple[str, str]]:
                 ax.errorbar(sel._x, sel.psnr_mean, yerr=spread.fillna(0), fmt="o-", color=c, ms=4, capsize=2,
                             label=name)
                 if twin is not None:
-                    twin.plot(sel._x, sel.test_accuracy, "x:", color=c, alpha=0.8)
+                    twin.plot(sel._x, sel.utility, "x:", color=c, alpha=0.8)
             ax.set_xticks(range(len(order)), [_value_text(v) for v in order], rotation=30, ha="right")
             ax.set_xlabel(column)
             ax.set_ylabel("PSNR (dB), mean ± std over images")
             ax.set_title(attack)
             if twin is not None:
-                twin.set_ylabel("final test accuracy (dotted)")
+                twin.ticklabel_format(axis="y", useOffset=False)
+                twin.set_ylabel("utility (dotted)")
                 twin.grid(False)
                 twin.spines["right"].set_visible(True)
-            ax.legend(fontsize=7, frameon=False)
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), frameon=False, fontsize=8,
+                       bbox_to_anchor=(0.5, -0.02 - 0.04 / shape[0]))
         fig.tight_layout()
         out.append((column, _figure_uri(fig)))
     return out
@@ -479,9 +500,12 @@ def run_facts(run: RunData) -> list[tuple[str, str]]:
         facts.append(("privacy", f"ε = {float(last.epsilon):.3g} after round {int(last['round'])} "
                                  f"(δ = {c.get('privacy', {}).get('delta', 1e-5):g}, Opacus RDP accountant)"))
     if len(run.rounds):
+        from .sweep import utility
+
         r = run.rounds.sort_values("round")
         facts.append(("utility", f"test accuracy {float(r.test_accuracy.iloc[0]):.3f} (round 0) → "
-                                 f"{float(r.test_accuracy.iloc[-1]):.3f} (round {int(r['round'].iloc[-1])})"))
+                                 f"{float(r.test_accuracy.iloc[-1]):.3f} (round {int(r['round'].iloc[-1])}); "
+                                 f"{utility(r):.3f} mean over the last tenth of the rounds"))
     return facts
 
 
@@ -507,42 +531,62 @@ class Cell:
 class BatchView:
     """One attacked update: ground truth, then one row per attack, each image captioned."""
 
-    round: int
-    client: str
+    title: str
     rows: list[tuple[str, list[Cell]]]
     note: str = ""
 
 
-def batch_views(run: RunData, rounds: list[int] | None = None) -> list[BatchView]:
-    ok = run.ok()
-    if not len(ok):
-        return []
-    views = []
-    for (rnd, client), rows in ok.groupby(["round", "client_id"], sort=True):
-        if rounds is not None and int(rnd) not in rounds:
+def strip_view(run: RunData, keys: list[tuple[int, int]], attacks: list[str], limit: int, title: str
+               ) -> BatchView | None:
+    """The attacked images of ``keys`` ((round, client) pairs) side by side: ground truth, then one row per attack
+    (a blank where an attack has no kept batch), at most ``limit`` images."""
+    truth: list[Cell] = []
+    rows: dict[str, list[Cell]] = {a: [] for a in attacks}
+    total = 0
+    for rnd, client in keys:
+        batches = {a: run.batch(rnd, client, a) for a in attacks}
+        first = next((b for b in batches.values() if b is not None), None)
+        if first is None:
             continue
-        view = BatchView(int(rnd), "aggregate (secure aggregation)" if client == -1 else str(int(client)), [])
-        truth: list[Cell] | None = None
-        for attack in rows.attack:
-            b = run.batch(int(rnd), int(client), str(attack))
-            if b is None:
-                continue
-            n = min(len(b.psnr), MAX_IMAGES_PER_BATCH)
-            if len(b.psnr) > n:
-                view.note = f"first {n} of {len(b.psnr)} images shown"
-            if truth is None:
-                labels = b.true_labels if len(b.true_labels) == len(b.psnr) else [None] * len(b.psnr)
-                truth = [Cell(image_uri(b.ground_truth[i]), f"label {labels[i]}" if labels[i] is not None else "")
-                         for i in range(n)]
-            view.rows.append((str(attack), [
+        total += len(first.psnr)
+        n = min(len(first.psnr), limit - len(truth))
+        who = f"client {client}, " if len(keys) > 1 else ""
+        labels = first.true_labels if len(first.true_labels) == len(first.psnr) else None
+        truth += [Cell(image_uri(first.ground_truth[i]), f"{who}label {labels[i]}" if labels is not None else who)
+                  for i in range(n)]
+        for attack, b in batches.items():
+            rows[attack] += [Cell("", "no result") for _ in range(n)] if b is None else [
                 Cell(image_uri(b.reconstruction[i]), f"{b.psnr[i]:.1f} dB",
                      f"PSNR {b.psnr[i]:.2f} dB, SSIM {b.ssim[i]:.3f}"
                      + (f", LPIPS {b.lpips[i]:.3f}" if np.isfinite(b.lpips[i]) else ""))
-                for i in range(n)]))
-        if truth is not None:
-            view.rows.insert(0, ("ground truth", truth))
+                for i in range(n)]
+    if not truth:
+        return None
+    note = f"first {len(truth)} of {total} images shown" if total > len(truth) else ""
+    return BatchView(title, [("ground truth", truth), *rows.items()], note)
+
+
+def batch_views(run: RunData) -> list[BatchView]:
+    """Every attacked update of a run, one view each."""
+    ok = run.ok()
+    views = []
+    for (rnd, client), rows in ok.groupby(["round", "client_id"], sort=True) if len(ok) else []:
+        who = "the aggregate (secure aggregation)" if client == -1 else f"client {int(client)}"
+        view = strip_view(run, [(int(rnd), int(client))], list(rows.attack), MAX_IMAGES_PER_BATCH,
+                          f"round {int(rnd)}, {who}")
+        if view is not None:
             views.append(view)
     return views
+
+
+def round_view(run: RunData, rnd: int, limit: int) -> BatchView | None:
+    """The attacked clients of one round side by side (a sweep point's reconstructions)."""
+    ok = run.ok()
+    rows = ok[ok["round"] == rnd]
+    clients = sorted({int(c) for c in rows.client_id})
+    who = f"clients {', '.join(map(str, clients))}" if len(clients) > 1 else f"client {clients[0]}" if clients else ""
+    return strip_view(run, [(rnd, c) for c in clients], list(dict.fromkeys(rows.attack)), limit,
+                      f"round {rnd}, {who}")
 
 
 def prior_views(run: RunData, limit: int = 12) -> list[Cell]:
@@ -600,7 +644,7 @@ def run_context(run: RunData) -> dict:
 def sweep_summary_table(sweep: SweepData) -> list[list[str]]:
     s = sweep.summary
     head = [*sweep.columns, "attack", "images", "PSNR", "PSNR best", "SSIM", "LPIPS", "label acc",
-            "test acc", "ε"]
+            "test acc (last round)", "utility", "ε"]
     rows = [head]
     if not len(s):
         return rows
@@ -609,7 +653,8 @@ def sweep_summary_table(sweep: SweepData) -> list[list[str]]:
         rows.append([*(_value_text(r[c]) for c in sweep.columns), r["attack"], str(int(r["images"])),
                      f"{_format(r['psnr_mean'])} ± {_format(spread)}", _format(r["psnr_best"]),
                      _format(r["ssim_mean"], 3), _format(r["lpips_mean"], 3), _format(r["label_accuracy"], 3),
-                     _format(r.get("test_accuracy"), 3), _format(r.get("epsilon"), 3)])
+                     _format(r.get("test_accuracy"), 3), _format(r.get("utility"), 3),
+                     _format(r.get("epsilon"), 3)])
     return rows
 
 
@@ -617,14 +662,15 @@ def sweep_context(sweep: SweepData) -> dict:
     points = []
     for name, state, run in sweep.points:
         status = state.get("status", "not started")
-        values = state.get("values", {})
+        values = state.get("values") or sweep.meta.get("values", {}).get(name, {})
         label = ", ".join(f"{k} = {_value_text(v)}" for k, v in values.items()) or name
         attacked = sorted({int(r) for r in run.ok()["round"]}) if len(run.ok()) else []
         points.append({"name": name, "label": label, "status": status, "error": state.get("error", ""),
                        "facts": run_facts(run), "summary": run_summary_table(run),
-                       "batches": batch_views(run, attacked[:1]) if attacked else [],
+                       "batches": [v for v in [round_view(run, attacked[0], SWEEP_IMAGES_PER_POINT)] if v]
+                       if attacked else [],
                        "leakage_plot": leakage_figure(run) if len(attacked) > 1 else None,
-                       "utility_plot": utility_figure(run)})
+                       "utility_plot": utility_figure(run, size=(5, 2.2))})
     spec = sweep.meta.get("spec", {})
     base = Path(sweep.meta.get("base", ""))
     try:

@@ -332,7 +332,8 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, fresh: bool = False,
     check_finished_points(sweep)
     (sweep.root / "sweep.json").write_text(json.dumps(
         {"file": str(sweep.file), "base": str(sweep.base), "spec": sweep.spec.model_dump(),
-         "columns": sweep.columns, "points": [p.directory.name for p in sweep.points]}, indent=2, default=str))
+         "columns": sweep.columns, "points": [p.directory.name for p in sweep.points],
+         "values": {p.directory.name: p.values for p in sweep.points}}, indent=2, default=str))
     todo = [p for p in sweep.points if read_state(p).get("status") != "done"]
     counts = {"done": len(sweep.points) - len(todo), "failed": 0, "stopped": 0}
     if counts["done"]:
@@ -406,8 +407,9 @@ def _cell(value: Any) -> Any:
 
 
 def collect(sweep: Sweep) -> dict[str, pd.DataFrame]:
-    """Every finished point's leakage and rounds rows, with ``point`` and the swept values as columns, and the
-    per-point summary; written to the sweep directory."""
+    """Every finished point's leakage, rounds and per-image rows (``images``: one row per attacked image with its
+    PSNR / SSIM / LPIPS; the same image has the same round, client and index in every point that attacks it), with
+    ``point`` and the swept values as columns, and the per-point summary; written to the sweep directory."""
     from .report import load_run
 
     leakage, rounds, images = [], [], []
@@ -421,11 +423,11 @@ def collect(sweep: Sweep) -> dict[str, pd.DataFrame]:
                 into.append(frame.assign(**tags)[[*tags, *frame.columns]])
         per_image = load_run(point.directory).image_scores()
         if len(per_image):
-            images.append(per_image.assign(point=point.directory.name))
-    tables = {"leakage": pd.concat(leakage, ignore_index=True) if leakage else pd.DataFrame(),
-              "rounds": pd.concat(rounds, ignore_index=True) if rounds else pd.DataFrame()}
+            images.append(per_image.assign(**tags)[[*tags, *per_image.columns]])
+    tables = {name: pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+              for name, parts in (("leakage", leakage), ("rounds", rounds), ("images", images))}
     tables["summary"] = summarise(tables["leakage"], tables["rounds"], ["point", *sweep.columns],
-                                  pd.concat(images, ignore_index=True) if images else None)
+                                  tables["images"])
     for name, frame in tables.items():
         tmp = sweep.root / f"{name}.parquet.tmp"
         frame.to_parquet(tmp, index=False)
@@ -437,7 +439,8 @@ def summarise(leakage: pd.DataFrame, rounds: pd.DataFrame, keys: list[str],
               images: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per point and attack: leakage averaged over every attacked image (each update weighted by its batch size),
     its spread over updates (``*_std``) and over images (``*_image_std``, from the points' kept reconstructions),
-    and the point's final test accuracy and epsilon."""
+    and the point's test accuracy (after the last round, and ``utility``: the mean over the last tenth of the
+    rounds) and epsilon."""
     if not len(leakage):
         return pd.DataFrame()
     ok = leakage[leakage.status == "ok"]
@@ -465,4 +468,16 @@ def summarise(leakage: pd.DataFrame, rounds: pd.DataFrame, keys: list[str],
         summary["test_accuracy"] = summary.point.map(last["test_accuracy"])
         summary["initial_test_accuracy"] = summary.point.map(first["test_accuracy"])
         summary["epsilon"] = summary.point.map(last["epsilon"]) if "epsilon" in last else float("nan")
+        summary["utility"] = summary.point.map(rounds.groupby("point").apply(utility, include_groups=False))
     return summary
+
+
+def utility(rounds: pd.DataFrame) -> float:
+    """A run's utility: its mean test accuracy over the last tenth of its rounds (at least the last one). The
+    accuracy of one round on a few hundred test images swings by several points from round to round under
+    FedSGD; the mean over the tail is what the trained model is worth."""
+    trained = rounds[rounds["round"] > 0].sort_values("round")
+    if not len(trained):
+        return float("nan")
+    tail = trained.tail(max(1, len(trained) // 10))
+    return float(tail.test_accuracy.mean())

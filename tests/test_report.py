@@ -84,3 +84,12 @@ def test_per_round_leakage_weighs_images_not_updates(tmp_path):
     page = build_report(tmp_path).read_text()
     assert page.count('alt="ground truth') == 4 and page.count('alt="ig ') == 4
     assert ">24.0 dB<" in page and ">10.0 dB<" in page
+
+
+def test_utility_is_the_mean_accuracy_over_the_last_tenth_of_the_rounds():
+    from fedsim.sweep import utility
+
+    rounds = pd.DataFrame({"round": range(31), "test_accuracy": [0.0] * 28 + [0.3, 0.4, 0.5]})
+    assert utility(rounds) == pytest.approx(0.4)  # rounds 28-30 of 30 (round 0 is the untrained model)
+    assert utility(rounds[rounds["round"] <= 5]) == pytest.approx(0.0)  # at least the last round
+    assert math.isnan(utility(rounds[rounds["round"] == 0]))

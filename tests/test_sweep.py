@@ -126,6 +126,12 @@ def test_a_killed_sweep_continues_without_rerunning_finished_points(tmp_path, da
     assert len(rounds) == 6 * 3 and set(rounds["round"]) == {0, 1, 2}
     assert len(summary) == 6 and (summary.images == summary["client.batch_size"]).all()
     assert summary.test_accuracy.notna().all() and (summary.final_round == 2).all()
+    assert (summary.utility == summary.test_accuracy).all()  # the last tenth of 2 rounds is the last round
+    images = pd.read_parquet(root / "images.parquet")
+    assert len(images) == summary.images.sum() and images.psnr.notna().all()
+    for _, same_batch in images.groupby("client.batch_size"):  # every defense attacked the same images
+        keys = same_batch.groupby("defense").apply(lambda g: sorted(zip(g.client_id, g.image)), include_groups=False)
+        assert all(k == keys.iloc[0] for k in keys)
     dp = summary.defense == "DP"
     assert np.isfinite(summary.epsilon[dp]).all() and summary.epsilon[~dp].isna().all()
     assert (summary.psnr_image_std[summary.images > 1] > 0).all()  # the spread over a point's images
