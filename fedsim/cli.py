@@ -251,12 +251,23 @@ def sweep(
     fresh: bool = typer.Option(False, "--fresh", help="Discard the sweep's earlier points and start over."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Run the points on an existing Ray "
                                               "cluster (one at a time)."),
+    status: bool = typer.Option(False, "--status", help="Only show each point's state (runs nothing)."),
 ) -> None:
     """Run one federation per grid point; rerunning continues a stopped sweep (finished points are kept)."""
-    from .sweep import load_sweep, run_sweep
+    from .sweep import load_sweep, point_status, run_sweep
 
     try:
         grid = load_sweep(config, set_)
+        if status:
+            table = Table(title=f"sweep {grid.spec.name} in {grid.root}")
+            for col in ("#", "point", "status", "attempts", "seconds", "error"):
+                table.add_column(col, justify="right" if col in ("#", "attempts", "seconds") else "left")
+            for point in grid.points:
+                st = point_status(point)
+                table.add_row(str(st["index"]), st["point"], st["status"], str(st["attempts"]),
+                              "" if st["seconds"] is None else f"{st['seconds']:.0f}", st["error"])
+            console.print(table)
+            return
         from .federation import prepare
         from .sweep import point_config
 
@@ -277,7 +288,7 @@ def sweep(
     summary = pd.read_parquet(grid.root / "summary.parquet")
     if len(summary):
         cols = [c for c in [*grid.columns, "attack", "images", "psnr_mean", "ssim_mean", "label_accuracy",
-                            "test_accuracy", "epsilon"] if c in summary]
+                            "utility", "epsilon"] if c in summary]
         console.print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     console.print(f"{counts['done']} of {len(grid.points)} points done; tables in {grid.root}")
     if counts["failed"]:

@@ -235,6 +235,33 @@ def _write_state(point: Point, state: dict) -> None:
     os.replace(tmp, point.directory / "point.json")
 
 
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def point_status(point: Point) -> dict:
+    """What a point's ``point.json`` says, with a ``running`` point whose process is gone reported as ``cut off``
+    (the sweep was killed; the next run resumes it)."""
+    state = read_state(point)
+    attempts = state.get("attempts", [])
+    status = state.get("status", "not started")
+    if status == "running" and not _alive(attempts[-1].get("pid") if attempts else None):
+        status = "cut off"
+    last = attempts[-1] if attempts else {}
+    seconds = (last["finished"] - last["started"]) if "finished" in last else (
+        time.time() - last["started"] if status == "running" else None)
+    return {"index": point.index, "point": point.label, "status": status, "attempts": len(attempts),
+            "seconds": seconds, "error": state.get("error", "")}
+
+
 def check_finished_points(sweep: Sweep) -> None:
     """A finished point whose stored config differs from what the sweep file now says is an error (a new sweep
     name, or ``--fresh``, is what the user wants then)."""

@@ -113,6 +113,9 @@ def test_a_killed_sweep_continues_without_rerunning_finished_points(tmp_path, da
         while alive(pid):
             assert time.time() < deadline, f"point process {pid} outlived the killed sweep"
             time.sleep(0.2)
+    shown = subprocess.run([*cmd, "--status"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.count(" done ") == len(finished) and shown.stdout.count(" cut off ") == len(cut)
     for name in cut:  # the point the kill cut off ran again, from where it stopped
         assert len(after[name]["attempts"]) == 2
 
