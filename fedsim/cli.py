@@ -250,7 +250,7 @@ def sweep(
                                            "parallel; at most one per core)."),
     fresh: bool = typer.Option(False, "--fresh", help="Discard the sweep's earlier points and start over."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Run the points on an existing Ray "
-                                              "cluster (one at a time)."),
+                                              "cluster (one at a time: not with --parallel)."),
     status: bool = typer.Option(False, "--status", help="Only show each point's state (runs nothing)."),
 ) -> None:
     """Run one federation per grid point; rerunning continues a stopped sweep (finished points are kept)."""

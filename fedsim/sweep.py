@@ -353,6 +353,10 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, fresh: bool = False,
     Ray's start-up is paid once. Points in parallel each start their own local Ray on their share of the cores,
     because Flower sizes a simulation's client pool from the whole cluster and two on one cluster would wait on
     each other's actors."""
+    workers = parallel_points(sweep, parallel)
+    if ray_address and workers > 1:
+        raise ConfigError(f"--ray-address with {workers} points at once: on one cluster the points run one at a "
+                          f"time (Flower sizes each simulation's clients from the whole cluster); drop --parallel")
     if fresh:
         shutil.rmtree(sweep.root, ignore_errors=True)
     sweep.root.mkdir(parents=True, exist_ok=True)
@@ -365,7 +369,6 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, fresh: bool = False,
     counts = {"done": len(sweep.points) - len(todo), "failed": 0, "stopped": 0}
     if counts["done"]:
         log(f"{counts['done']} of {len(sweep.points)} points already finished")
-    workers = parallel_points(sweep, parallel)
     cores = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
     stop = threading.Event()
     lock = threading.Lock()

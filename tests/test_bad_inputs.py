@@ -55,6 +55,7 @@ def files(tmp_path_factory):
                                         'set = {"client.batch_size" = 3}}]\n')
     (d / "sweep_no_base.toml").write_text(sweep.replace(QUICKSTART, "/nonexistent/base.toml") + axis)
     (d / "sweep_unknown.toml").write_text(sweep + axis + "paralel = 2\n")
+    (d / "sweep_ok.toml").write_text(sweep + axis)
     (d / "sweep_bad_key.toml").write_text(sweep + '[[axes]]\nkey = "federation.roundz"\nvalues = [1]\n')
     (d / "sweep_no_data.toml").write_text(sweep + '[[axes]]\nkey = "data.dataset"\n'
                                           'values = ["cifar10", "/nonexistent/data.npz"]\n')
@@ -167,6 +168,8 @@ CASES = [
     ("sweep config key", lambda f: ["sweep", f"{f}/sweep_bad_key.toml"], "federation.roundz: unknown key"),
     ("sweep point data", lambda f: ["sweep", f"{f}/sweep_no_data.toml"], "/nonexistent/data.npz"),
     ("sweep override", lambda f: ["sweep", f"{f}/sweep_bad_key.toml", "--set", "bogus=1"], "bogus: unknown key"),
+    ("sweep parallel on a cluster", lambda f: ["sweep", f"{f}/sweep_ok.toml", "--ray-address", "auto",
+                                               "--parallel", "2"], "drop --parallel"),
     # fedsim report
     ("report missing", ["report", "/nonexistent/run"], "not a directory: /nonexistent/run"),
     ("report empty", lambda f: ["report", f"{f}/empty"], "holds no run"),
