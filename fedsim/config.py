@@ -137,6 +137,9 @@ class AttackSettings(Section):
     # the rounds whose updates are attacked (None: every round); e.g. [1] attacks the first round of a long run
     # that trains on for its utility
     rounds: list[Annotated[int, Field(ge=1)]] | None = None
+    # the attacker's own seed (restart inits, prior task sampling), on the attacker's branch of the run seed; None:
+    # the branch itself. Another value repeats the attacks of an identical federation with other random draws.
+    seed: int | None = Field(default=None, ge=0)
 
 
 class PrivacyConfig(Section):

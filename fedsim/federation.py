@@ -527,7 +527,7 @@ def open_session(fed: Federation, store: RunDirectory, finished: int, progress: 
                                      on_audit=store.queue.put_audit, reconstruction_dir=store.reconstructions)
         pool = AttackerPool(cfg.attacks, cfg.threat_model(), evaluator.record, executor=cfg.attack.executor,
                             workers=cfg.attack.workers, threads=cfg.attack.threads, device=cfg.device,
-                            seed_root=attacker_root(cfg.seed), gpus_per_worker=attacker_gpus(cfg),
+                            seed_root=attacker_root(cfg.seed, cfg.attack.seed), gpus_per_worker=attacker_gpus(cfg),
                             resources=cfg.attack.resources, timeout=cfg.attack.timeout,
                             state_dir=store.attacker, on_submit=progress.attacks_submitted, done=done,
                             on_round_done=store.queue.drop)

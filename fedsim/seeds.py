@@ -18,9 +18,11 @@ def round_seed(seed: int, server_round: int, client_id: int, stream: int) -> int
     return int(np.random.SeedSequence([seed, server_round, client_id, stream]).generate_state(1)[0])
 
 
-def attacker_root(seed: int) -> int:
-    """The attacker's root seed: a 64-bit value on its own spawn branch of the run seed."""
-    words = np.random.SeedSequence(seed, spawn_key=(ATTACKER_BRANCH,)).generate_state(2, dtype=np.uint32)
+def attacker_root(seed: int, attack_seed: int | None = None) -> int:
+    """The attacker's root seed: a 64-bit value on its own spawn branch of the run seed (``attack_seed``, the
+    ``attack.seed`` key, picks another root on that branch)."""
+    key = (ATTACKER_BRANCH,) if attack_seed is None else (ATTACKER_BRANCH, attack_seed)
+    words = np.random.SeedSequence(seed, spawn_key=key).generate_state(2, dtype=np.uint32)
     return int(words[0]) << 32 | int(words[1])
 
 

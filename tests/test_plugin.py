@@ -144,8 +144,9 @@ def test_the_attacker_seed_stream_is_not_the_clients():
     from fedsim.client import choose_samples
     from fedsim.seeds import attack_seed, attacker_root, round_seed
 
-    for seed in (0, 1, 42):
-        root = attacker_root(seed)
+    for seed, other in ((0, None), (1, None), (42, None), (0, 1), (0, 7)):  # other: attack.seed
+        root = attacker_root(seed, other)
+        assert (root == attacker_root(seed)) == (other is None)
         attack_seeds = {attack_seed(root, r, a) for r in range(20) for a in range(3)}
         client_seeds = {round_seed(seed, r, c, s) for r in range(20) for c in range(10) for s in range(3)}
         assert len(attack_seeds) == 60 and not attack_seeds & client_seeds and seed not in attack_seeds
