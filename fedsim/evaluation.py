@@ -18,6 +18,7 @@ import torch
 
 from .contract import AuditRecord, LeakageRecord, ObservedUpdate, Reconstruction
 from .metrics import label_accuracy, score
+from .results import batch_file_name, save_batch
 
 GroundTruth = Callable[[list[int]], tuple[torch.Tensor, np.ndarray | None]]
 
@@ -101,31 +102,3 @@ class LeakageEvaluator:
         originals = torch.cat([v["gt"] for v in snapshot.values()])
         rows = [torch.cat([v.get(a, torch.ones_like(v["gt"])) for v in snapshot.values()]) for a in attacks]
         save_grid(self.grid_dir / f"round_{observed.round:03d}.png", originals, rows)
-
-
-
-def batch_file_name(round_: int, client_id: int, attack: str) -> str:
-    return f"r{round_:03d}_c{client_id}_{attack}.npz"
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [0, 1] -> (N, H, W, C) uint8."""
-    return (images.float().clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-
-
-def save_batch(path: Path, ground_truth: torch.Tensor, matched: torch.Tensor, *, psnr: np.ndarray,
-               ssim: np.ndarray, lpips: np.ndarray, true_labels: np.ndarray | None,
-               recovered_labels: np.ndarray) -> None:
-    """One scored batch: image i of ``reconstruction`` is the one matched to ``ground_truth`` i, its scores are
-    ``psnr[i]`` etc. (computed on the float images; the stored images are 8-bit for viewing). Atomic."""
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, ground_truth=to_uint8(ground_truth), reconstruction=to_uint8(matched),
-                            psnr=np.asarray(psnr, np.float32), ssim=np.asarray(ssim, np.float32),
-                            lpips=np.asarray(lpips, np.float32),
-                            true_labels=np.asarray(true_labels if true_labels is not None else [], np.int64),
-                            recovered_labels=np.asarray(recovered_labels, np.int64))
-    os.replace(tmp, path)

@@ -5,7 +5,7 @@ mailed, attached to a paper's supplement or opened offline. A run's page shows i
 the attacked images with the spread over images, and the best image of each batch), its utility per round (test
 accuracy, and epsilon when a DP defense runs), every attacked batch with each reconstruction captioned by its PSNR,
 the GIML prior's samples per round when a learnt prior ran, and the resolved config. A sweep's page adds the
-privacy-utility picture: leakage against final test accuracy per point, leakage and accuracy along each axis, a
+privacy-utility picture: leakage against utility (test accuracy) per point, leakage and accuracy along each axis, a
 summary table, then each point's own reconstructions.
 
 Reads only what a run writes (``leakage.parquet``, ``rounds.parquet``, ``reconstructions/``, ``attacker/``,
@@ -19,7 +19,6 @@ import base64
 import io
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .evaluation import batch_file_name
+from .results import RunData, load_run, read_table
 
 METRICS = (("psnr", "PSNR (dB)", "higher leaks more"), ("ssim", "SSIM", "higher leaks more"),
            ("lpips", "LPIPS", "lower leaks more"), ("label_accuracy", "label accuracy", "higher leaks more"))
@@ -38,98 +37,6 @@ SWEEP_IMAGES_PER_POINT = 16  # a sweep point shows this many images of its first
 
 class ReportError(ValueError):
     """A directory that holds no run or sweep; one line."""
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Reading a run directory
-
-
-def _read(path: Path) -> pd.DataFrame:
-    try:
-        return pd.read_parquet(path)
-    except (FileNotFoundError, OSError, ValueError):
-        return pd.DataFrame()
-
-
-@dataclass
-class Batch:
-    """One attacked batch as the evaluator kept it (image i of ``reconstruction`` is matched to ground truth i)."""
-
-    round: int
-    client_id: int
-    attack: str
-    ground_truth: np.ndarray  # (N, H, W, C) uint8
-    reconstruction: np.ndarray
-    psnr: np.ndarray
-    ssim: np.ndarray
-    lpips: np.ndarray
-    true_labels: np.ndarray
-    recovered_labels: np.ndarray
-
-
-def read_batch(path: Path) -> Batch | None:
-    match = re.fullmatch(r"r(\d+)_c(-?\d+)_(.+)\.npz", path.name)
-    if not match:
-        return None
-    try:
-        with np.load(path) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError):
-        return None  # being written right now, or cut off by a kill: the row is missing too
-    return Batch(int(match[1]), int(match[2]), match[3], **arrays)
-
-
-@dataclass
-class RunData:
-    root: Path
-    config: dict
-    leakage: pd.DataFrame
-    rounds: pd.DataFrame
-    failures: pd.DataFrame
-    prior_samples: list[tuple[int, Path]]  # (round, png) of a learnt prior's fixed-latent samples
-
-    @property
-    def name(self) -> str:
-        return str(self.config.get("name") or self.root.name)
-
-    def batch(self, round_: int, client_id: int, attack: str) -> Batch | None:
-        path = self.root / "reconstructions" / batch_file_name(round_, client_id, attack)
-        return read_batch(path) if path.is_file() else None
-
-    def image_scores(self) -> pd.DataFrame:
-        """One row per attacked image of every finished row: round, client_id, attack, image (its index in the
-        client's batch, in sample order), psnr, ssim, lpips."""
-        parts = []
-        for row in self.ok().itertuples():
-            b = self.batch(int(row.round), int(row.client_id), str(row.attack))
-            if b is None:
-                continue
-            parts.append(pd.DataFrame({"round": int(row.round), "client_id": int(row.client_id),
-                                       "attack": str(row.attack), "image": np.arange(len(b.psnr)),
-                                       "psnr": b.psnr.astype(float),
-                                       "ssim": b.ssim.astype(float), "lpips": b.lpips.astype(float)}))
-        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
-            columns=["round", "client_id", "attack", "image", "psnr", "ssim", "lpips"])
-
-    def ok(self) -> pd.DataFrame:
-        if not len(self.leakage):
-            return self.leakage
-        return self.leakage[self.leakage.status == "ok"]
-
-
-def load_run(root: Path) -> RunData:
-    root = Path(root)
-    try:
-        config = json.loads((root / "config.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        config = {}
-    samples = []
-    for png in sorted((root / "attacker").glob("*/samples_round_*.png")):
-        match = re.search(r"samples_round_(\d+)\.png$", png.name)
-        if match:
-            samples.append((int(match[1]), png))
-    return RunData(root, config, _read(root / "leakage.parquet"), _read(root / "rounds.parquet"),
-                   _read(root / "failures.parquet"), samples)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -314,8 +221,8 @@ def load_sweep_dir(root: Path) -> SweepData:
         except (FileNotFoundError, json.JSONDecodeError):
             state = {}
         points.append((name, state, load_run(directory)))
-    leakage = _read(root / "leakage.parquet")
-    rounds = _read(root / "rounds.parquet")
+    leakage = read_table(root / "leakage.parquet")
+    rounds = read_table(root / "rounds.parquet")
     images = [run.image_scores().assign(point=name) for name, state, run in points if state.get("status") == "done"]
     images = pd.concat(images, ignore_index=True) if images else None
     # summarised here, not read from summary.parquet: the page always agrees with the rows it shows

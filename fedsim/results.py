@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +158,121 @@ def save_grid(path: Path, originals: torch.Tensor | None, rows: list[torch.Tenso
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Attacked batches as the evaluator keeps them, and reading a run directory back (fedsim report, sweeps)
+
+
+def batch_file_name(round_: int, client_id: int, attack: str) -> str:
+    return f"r{round_:03d}_c{client_id}_{attack}.npz"
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [0, 1] -> (N, H, W, C) uint8."""
+    return (images.float().clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def save_batch(path: Path, ground_truth: torch.Tensor, matched: torch.Tensor, *, psnr: np.ndarray,
+               ssim: np.ndarray, lpips: np.ndarray, true_labels: np.ndarray | None,
+               recovered_labels: np.ndarray) -> None:
+    """One scored batch: image i of ``reconstruction`` is the one matched to ``ground_truth`` i, its scores are
+    ``psnr[i]`` etc. (computed on the float images; the stored images are 8-bit for viewing). Atomic."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, ground_truth=to_uint8(ground_truth), reconstruction=to_uint8(matched),
+                            psnr=np.asarray(psnr, np.float32), ssim=np.asarray(ssim, np.float32),
+                            lpips=np.asarray(lpips, np.float32),
+                            true_labels=np.asarray(true_labels if true_labels is not None else [], np.int64),
+                            recovered_labels=np.asarray(recovered_labels, np.int64))
+    os.replace(tmp, path)
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A parquet table of a run, empty if it is missing or being replaced."""
+    try:
+        return pd.read_parquet(path)
+    except (FileNotFoundError, OSError, ValueError):
+        return pd.DataFrame()
+
+
+@dataclass
+class Batch:
+    """One attacked batch as the evaluator kept it (image i of ``reconstruction`` is matched to ground truth i)."""
+
+    round: int
+    client_id: int
+    attack: str
+    ground_truth: np.ndarray  # (N, H, W, C) uint8
+    reconstruction: np.ndarray
+    psnr: np.ndarray
+    ssim: np.ndarray
+    lpips: np.ndarray
+    true_labels: np.ndarray
+    recovered_labels: np.ndarray
+
+
+def read_batch(path: Path) -> Batch | None:
+    match = re.fullmatch(r"r(\d+)_c(-?\d+)_(.+)\.npz", path.name)
+    if not match:
+        return None
+    try:
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError):
+        return None  # being written right now, or cut off by a kill: the row is missing too
+    return Batch(int(match[1]), int(match[2]), match[3], **arrays)
+
+
+@dataclass
+class RunData:
+    root: Path
+    config: dict
+    leakage: pd.DataFrame
+    rounds: pd.DataFrame
+    failures: pd.DataFrame
+    prior_samples: list[tuple[int, Path]]  # (round, png) of a learnt prior's fixed-latent samples
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("name") or self.root.name)
+
+    def batch(self, round_: int, client_id: int, attack: str) -> Batch | None:
+        path = self.root / "reconstructions" / batch_file_name(round_, client_id, attack)
+        return read_batch(path) if path.is_file() else None
+
+    def image_scores(self) -> pd.DataFrame:
+        """One row per attacked image of every finished row: round, client_id, attack, image (its index in the
+        client's batch, in sample order), psnr, ssim, lpips."""
+        parts = []
+        for row in self.ok().itertuples():
+            b = self.batch(int(row.round), int(row.client_id), str(row.attack))
+            if b is None:
+                continue
+            parts.append(pd.DataFrame({"round": int(row.round), "client_id": int(row.client_id),
+                                       "attack": str(row.attack), "image": np.arange(len(b.psnr)),
+                                       "psnr": b.psnr.astype(float),
+                                       "ssim": b.ssim.astype(float), "lpips": b.lpips.astype(float)}))
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+            columns=["round", "client_id", "attack", "image", "psnr", "ssim", "lpips"])
+
+    def ok(self) -> pd.DataFrame:
+        if not len(self.leakage):
+            return self.leakage
+        return self.leakage[self.leakage.status == "ok"]
+
+
+def load_run(root: Path) -> RunData:
+    root = Path(root)
+    try:
+        config = json.loads((root / "config.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        config = {}
+    samples = []
+    for png in sorted((root / "attacker").glob("*/samples_round_*.png")):
+        match = re.search(r"samples_round_(\d+)\.png$", png.name)
+        if match:
+            samples.append((int(match[1]), png))
+    return RunData(root, config, read_table(root / "leakage.parquet"), read_table(root / "rounds.parquet"),
+                   read_table(root / "failures.parquet"), samples)

@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .config import (ConfigError, _format_validation_error, apply_override, load_config, read_toml,
                      resume_conflict)
+from .results import load_run, read_table
 
 
 class Strict(BaseModel):
@@ -425,13 +426,6 @@ def _start_ray(cfg) -> str:
 # Collecting
 
 
-def _read(path: Path) -> pd.DataFrame:
-    try:
-        return pd.read_parquet(path)
-    except (FileNotFoundError, OSError, ValueError):
-        return pd.DataFrame()
-
-
 def _cell(value: Any) -> Any:
     return value if isinstance(value, (int, float, str, bool)) or value is None else json.dumps(value)
 
@@ -440,15 +434,13 @@ def collect(sweep: Sweep) -> dict[str, pd.DataFrame]:
     """Every finished point's leakage, rounds and per-image rows (``images``: one row per attacked image with its
     PSNR / SSIM / LPIPS; the same image has the same round, client and index in every point that attacks it), with
     ``point`` and the swept values as columns, and the per-point summary; written to the sweep directory."""
-    from .report import load_run
-
     leakage, rounds, images = [], [], []
     for point in sweep.points:
         if read_state(point).get("status") != "done":
             continue
         tags = {"point": point.directory.name, **{k: _cell(v) for k, v in point.values.items()}}
         for name, into in (("leakage.parquet", leakage), ("rounds.parquet", rounds)):
-            frame = _read(point.directory / name)
+            frame = read_table(point.directory / name)
             if len(frame):
                 into.append(frame.assign(**tags)[[*tags, *frame.columns]])
         per_image = load_run(point.directory).image_scores()

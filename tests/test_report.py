@@ -10,7 +10,8 @@ import pytest
 from browser import render
 from reference_run import ATTACKED, ROOT, ROUNDS
 
-from fedsim.report import build_report, load_run, per_round_leakage, read_batch
+from fedsim.report import build_report, per_round_leakage
+from fedsim.results import load_run, read_batch
 
 
 @pytest.mark.ray
@@ -64,7 +65,7 @@ def test_per_round_leakage_weighs_images_not_updates(tmp_path):
     """Two updates of one round, batch 1 and batch 3: the round's mean is over the four images."""
     import torch
 
-    from fedsim.evaluation import batch_file_name, save_batch
+    from fedsim.results import batch_file_name, save_batch
 
     rows = []
     for client, psnrs in ((0, [10.0]), (1, [20.0, 22.0, 24.0])):
