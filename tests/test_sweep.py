@@ -92,6 +92,16 @@ def test_a_killed_sweep_continues_without_rerunning_finished_points(tmp_path, da
     stamps = {name: (root / "points" / name / "leakage.parquet").stat().st_mtime_ns for name in finished}
     partial = pd.read_parquet(root / "leakage.parquet")
     assert set(partial.point) == finished  # the table already holds every finished point's rows
+    cut = [name for name, s in before.items() if s["status"] == "running"]
+    for name in cut:  # the point's own process died with the sweep (it would write beside the continued sweep)
+        pid = before[name]["attempts"][-1]["pid"]
+        deadline = time.time() + 30
+        while alive(pid):
+            assert time.time() < deadline, f"point process {pid} outlived the killed sweep"
+            time.sleep(0.2)
+    shown = subprocess.run([*cmd, "--status"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.count(" done ") == len(finished) and shown.stdout.count(" cut off ") == len(cut)
 
     # Continue two points at a time: each on its own local Ray with half the cores.
     done = subprocess.run([*cmd, "--parallel", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -106,16 +116,6 @@ def test_a_killed_sweep_continues_without_rerunning_finished_points(tmp_path, da
     for name in finished:  # not rerun: one attempt, rows untouched
         assert len(after[name]["attempts"]) == 1
         assert (root / "points" / name / "leakage.parquet").stat().st_mtime_ns == stamps[name]
-    cut = [name for name, s in before.items() if s["status"] == "running"]
-    for name in cut:  # the point's own process died with the sweep (it would write beside the continued sweep)
-        pid = before[name]["attempts"][-1]["pid"]
-        deadline = time.time() + 30
-        while alive(pid):
-            assert time.time() < deadline, f"point process {pid} outlived the killed sweep"
-            time.sleep(0.2)
-    shown = subprocess.run([*cmd, "--status"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert shown.returncode == 0, shown.stderr
-    assert shown.stdout.count(" done ") == len(finished) and shown.stdout.count(" cut off ") == len(cut)
     for name in cut:  # the point the kill cut off ran again, from where it stopped
         assert len(after[name]["attempts"]) == 2
 
