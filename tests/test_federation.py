@@ -43,6 +43,7 @@ def test_tee_and_attacks_leave_the_global_model_bit_identical(tmp_path, referenc
     assert list(rounds_on["round"]) == list(range(ROUNDS + 1))
     assert list(rounds_on["model_checksum"]) == list(rounds_off["model_checksum"])
     assert rounds_on["model_checksum"].nunique() == ROUNDS + 1  # the model does change every round
+    assert rounds_on["epsilon"].isna().all() and rounds_off["epsilon"].isna().all()  # no DP defense, no epsilon
     leak = pd.read_parquet(reference / "leakage.parquet")
     assert sorted(leak["round"].unique()) == list(range(1, ROUNDS + 1))
     assert len(leak) == 2 * ROUNDS and (leak.status == "ok").all()

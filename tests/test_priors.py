@@ -106,44 +106,47 @@ def test_weight_search_beats_pixel_search_at_equal_iterations(cifar_test):
     assert psnr["gi_zw"] > psnr["inverting_gradients"], psnr
 
 
-def test_prior_train_then_attack_with_the_prior(tmp_path, synthetic_npz):
+def test_prior_train_then_attack_with_the_prior(tmp_path, synthetic_npz, monkeypatch):
     import os
     import subprocess
     import sys
 
+    from typer.testing import CliRunner
+
+    from fedsim.cli import app
+
     root = pathlib.Path(__file__).resolve().parents[1]
-
-    def fedsim(*args):
-        return subprocess.run([sys.executable, "-m", "fedsim.cli", *args], capture_output=True, text=True, cwd=root,
-                              env=dict(os.environ), timeout=600)
-
     ckpt = tmp_path / "prior.pt"
-    trained = fedsim("prior", "train", "--dataset", str(synthetic_npz), "--epochs", "2", "--ngf", "8", "--ndf", "8",
-                     "--batch-size", "32", "--output", str(ckpt))
+    trained = subprocess.run([sys.executable, "-m", "fedsim.cli", "prior", "train", "--dataset", str(synthetic_npz),
+                              "--epochs", "2", "--ngf", "8", "--ndf", "8", "--batch-size", "32", "--output", str(ckpt)],
+                             capture_output=True, text=True, cwd=root, env=dict(os.environ), timeout=600)
     assert trained.returncode == 0, trained.stderr
     assert (tmp_path / "prior_samples.png").is_file()
     generator, meta = load_prior(ckpt, 32, 3)
     assert meta["epochs"] == 2 and meta["images"] == 120 and np.isfinite(meta["final_g_loss"])
     assert generator(torch.randn(2, 100)).shape == (2, 3, 32, 32)
+
+    # the attacks and the bad priors through the same command line, in this process (no second interpreter start)
+    monkeypatch.chdir(root)
+
+    def fedsim(*args):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
     out = tmp_path / "attack"
-    for attack in ("gi_z", "gi_zw"):
-        result = fedsim("attack", "--attack", attack, "--prior", str(ckpt), "--dataset", str(synthetic_npz),
-                        "--indices", "0-1", "--iterations", "5", "--param", "weight_iterations=5",
-                        "--output", str(out / attack)) if attack == "gi_zw" else \
-            fedsim("attack", "--attack", attack, "--prior", str(ckpt), "--dataset", str(synthetic_npz),
-                   "--indices", "0-1", "--iterations", "5", "--output", str(out / attack))
-        assert result.returncode == 0, result.stderr
+    common = ["--prior", ckpt, "--dataset", synthetic_npz, "--indices", "0-1", "--iterations", "5"]
+    for attack, extra in (("gi_z", []), ("gi_zw", ["--param", "weight_iterations=5"])):
+        result = fedsim("attack", "--attack", attack, *common, *extra, "--output", out / attack)
+        assert result.exit_code == 0, result.output
         assert (pd_read(out / attack).status == "ok").all()
     # bad priors are one line each, before any work
-    for args, expected in ((["--prior", str(tmp_path / "nope.pt")], "prior checkpoint not found"),
-                           (["--prior", str(synthetic_npz)], "weights_only"),
-                           (["--prior", str(ckpt), "--dataset", str(tmp_path / "big.npz"), "--indices", "0-1"],
+    np.savez(tmp_path / "big.npz", images=np.zeros((4, 64, 64, 3), np.uint8), labels=np.arange(4))
+    for args, expected in ((["--prior", tmp_path / "nope.pt"], "prior checkpoint not found"),
+                           (["--prior", synthetic_npz], "weights_only"),
+                           (["--prior", ckpt, "--dataset", tmp_path / "big.npz", "--indices", "0-1"],
                             "victim takes 3x64x64")):
-        np.savez(tmp_path / "big.npz", images=np.zeros((4, 64, 64, 3), np.uint8), labels=np.arange(4))
-        bad = fedsim("attack", "--attack", "gi_z", "--dataset", str(synthetic_npz), "--output", str(tmp_path / "b"),
-                     *args)
+        bad = fedsim("attack", "--attack", "gi_z", "--dataset", synthetic_npz, "--output", tmp_path / "b", *args)
         lines = [line for line in bad.stderr.splitlines() if line.strip()]
-        assert bad.returncode == 2 and len(lines) == 1 and expected in lines[0], bad.stderr
+        assert bad.exit_code == 2 and len(lines) == 1 and expected in lines[0], bad.stderr
 
 
 def pd_read(folder):
