@@ -1,12 +1,14 @@
 """Tables of experiments/defense_sweep.toml: leakage per attack, defense and batch size beside the utility it costs.
 
     fedsim sweep experiments/defense_sweep.toml
+    fedsim sweep experiments/defense_sweep_seeds.toml       # the attacks' own spread, batch 1
+    fedsim sweep experiments/defense_sweep_seeds_b4.toml    # and GI-z/w's at batch 4
     python experiments/defense_sweep.py
 
-writes experiments/defense_sweep.tables.md (the tables and the monotonicity checks, regenerated) and copies the sweep's
-HTML report (rebuilt) to experiments/defense_sweep_report.html, its summary to experiments/defense_sweep.summary.parquet
-and its per-image scores to experiments/defense_sweep.images.parquet. The findings in experiments/defense_sweep.md are written by hand from
-these tables.
+writes experiments/defense_sweep.tables.md (the tables, monotonicity checks and seed spreads, regenerated), copies
+the sweep's HTML report (rebuilt) to experiments/defense_sweep_report.html, its summary to
+experiments/defense_sweep.summary.parquet and its per-image scores to experiments/defense_sweep.images.parquet.
+The findings in experiments/defense_sweep.md are written by hand from these tables.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def cell(frame: pd.DataFrame, batch: str, defense: str, attack: str, column: str
 
 def leakage_table(summary: pd.DataFrame, defenses: list[str], batches: list[str]) -> list[str]:
     head = "| defense | " + " | ".join(f"{ATTACKS[a]} b{b}" for b in batches for a in ATTACKS) + \
-           " | " + " | ".join(f"test acc b{b}" for b in batches) + " | ε |"
+           " | " + " | ".join(f"utility b{b}" for b in batches) + " | ε |"
     lines = [head, "|" + "---|" * (2 + len(batches) * (len(ATTACKS) + 1))]
     for d in defenses:
         cells = []
@@ -38,7 +40,7 @@ def leakage_table(summary: pd.DataFrame, defenses: list[str], batches: list[str]
             for a in ATTACKS:
                 mean, std = cell(summary, b, d, a, "psnr_mean"), cell(summary, b, d, a, "psnr_image_std")
                 cells.append(f"{mean:.2f} ± {std:.2f}" if mean == mean else "–")
-        accs = [f"{cell(summary, b, d, next(iter(ATTACKS)), 'test_accuracy'):.3f}" for b in batches]
+        accs = [f"{cell(summary, b, d, next(iter(ATTACKS)), 'utility'):.3f}" for b in batches]
         eps = cell(summary, batches[0], d, next(iter(ATTACKS)), "epsilon")
         lines.append(f"| {d} | " + " | ".join(cells) + " | " + " | ".join(accs) +
                      f" | {eps:.3g} |".replace("nan", "–"))
@@ -73,31 +75,49 @@ def monotone(summary: pd.DataFrame, images: pd.DataFrame, order: list[str], batc
     return lines
 
 
+SEED_SWEEPS = {  # file: (batch size, defenses in order); each attacks round 1 of the main sweep's federation
+    "defense_sweep_seeds.toml": ("1", ["none", "noise 1e-4"]),
+    "defense_sweep_seeds_b4.toml": ("4", ["none", "noise 1e-4", "noise 1e-3"]),
+}
+
+
 def seed_spread(summary: pd.DataFrame) -> list[str]:
-    """experiments/defense_sweep_seeds.toml: the same 8 batch-1 updates under other attacker seeds, without a
-    defense and with noise 1e-4; with the main sweep's own seed that makes four draws of each."""
+    """The same round-1 updates as the main sweep attacked under three more attacker seeds (``attack.seed`` 1, 2,
+    3): with the main sweep's own draw, four draws per (attack, defense). Each step between defenses is paired by
+    seed, and set against the seed-to-seed standard deviation."""
     from fedsim.sweep import collect, load_sweep
 
-    seeds = load_sweep(HERE / "defense_sweep_seeds.toml")
-    if not (seeds.root / "sweep.json").is_file():
-        return []
-    table = collect(seeds)["summary"]
-    lines = ["## Run-to-run spread of the attacks (experiments/defense_sweep_seeds.toml)", "",
-             "Mean PSNR over the same 8 batch-1 updates of round 1 under four attacker seeds (the sweep's own and "
-             "`attack.seed` 1, 2, 3); the last column is noise 1e-4 minus none, paired by seed.", "",
-             "| attack | none: mean ± std over seeds | noise 1e-4: mean ± std | noise 1e-4 − none, per seed |",
-             "|---|---|---|---|"]
-    for attack, name in ATTACKS.items():
-        draws = {}
-        for defense in ("none", "noise 1e-4"):
-            own = [cell(summary, "1", defense, attack, "psnr_mean")]
-            rows = table[(table.defense == defense) & (table.attack == attack)].sort_values("attack.seed")
-            draws[defense] = pd.Series(own + list(rows.psnr_mean))
-        diff = draws["noise 1e-4"] - draws["none"]
-        lines.append(f"| {name} | {draws['none'].mean():.2f} ± {draws['none'].std(ddof=1):.2f} | "
-                     f"{draws['noise 1e-4'].mean():.2f} ± {draws['noise 1e-4'].std(ddof=1):.2f} | "
-                     + ", ".join(f"{d:+.2f}" for d in diff) + f" (mean {diff.mean():+.2f}) |")
-    return lines + [""]
+    lines = []
+    for file, (batch, defenses) in SEED_SWEEPS.items():
+        seeds = load_sweep(HERE / file)
+        if not (seeds.root / "sweep.json").is_file():
+            continue
+        table = collect(seeds)["summary"]
+        steps = list(zip(defenses, defenses[1:]))
+        lines += [f"## Run-to-run spread of the attacks at batch {batch} (experiments/{file})", "",
+                  f"Mean PSNR over the same {int(table.images.iloc[0])} batch-{batch} images of round 1 under four "
+                  "attacker seeds (the main sweep's draw and `attack.seed` 1, 2, 3); a step's per-seed differences "
+                  "are paired by seed (the main sweep's draw first).", "",
+                  "| attack | " + " | ".join(f"{d}: mean ± std over seeds" for d in defenses) + " | " +
+                  " | ".join(f"{before} → {after}, per seed" for before, after in steps) + " |",
+                  "|---|" + "---|" * (len(defenses) + len(steps))]
+        for attack, name in ATTACKS.items():
+            if attack not in set(table.attack):
+                continue
+            draws = {}
+            for defense in defenses:
+                own = [cell(summary, batch, defense, attack, "psnr_mean")]
+                rows = table[(table.defense == defense) & (table.attack == attack)].sort_values("attack.seed")
+                draws[defense] = pd.Series(own + list(rows.psnr_mean))
+            means = [f"{draws[d].mean():.3f} ± {draws[d].std(ddof=1):.2f}" for d in defenses]
+            diffs = []
+            for before, after in steps:
+                diff = draws[after] - draws[before]
+                diffs.append(", ".join(f"{x:+.2f}" for x in diff) +
+                             f" (mean {diff.mean():+.3f} ± {diff.std(ddof=1) / len(diff) ** 0.5:.3f})")
+            lines.append(f"| {name} | " + " | ".join(means) + " | " + " | ".join(diffs) + " |")
+        lines.append("")
+    return lines
 
 
 def main() -> None:
@@ -113,8 +133,9 @@ def main() -> None:
     out = ["# experiments/defense_sweep: tables (generated by experiments/defense_sweep.py)", "",
            "PSNR in dB, mean ± std over the attacked images of round 1 (" +
            ", ".join(f"batch {b}: {counts[b]} images" for b in batches) +
-           "); test accuracy of the global model after the last round on the 200 held-out images (a binomial "
-           "standard error of about 0.03 at 20%); ε after the last round at δ = 1e-5.", ""]
+           "); utility is the global model's test accuracy on the 200 held-out images averaged over the last tenth "
+           "of the rounds (271-300; one evaluation has a binomial standard error of about 0.03 at 20%, chance is "
+           "0.10); ε after the last round at δ = 1e-5.", ""]
     out += leakage_table(summary, list(dict.fromkeys([*NOISE, *TOPK, *DP])), batches)
     out += ["", "## Monotonicity (mean PSNR along each defense family)", ""]
     for name, order in (("noise", NOISE), ("top-k", TOPK), ("client DP", DP)):
