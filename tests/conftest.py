@@ -3,25 +3,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from environment import env_path
+from environment import env_path_or_skip
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The real-image fixtures (../shared/data in CI)."""
-    path = env_path("FEDSIM_DATA_DIR", "directory")
-    if path is None:
-        pytest.skip("FEDSIM_DATA_DIR is not set: tests on real images are skipped")
-    return path
+    return env_path_or_skip("FEDSIM_DATA_DIR", "directory", "tests on real images")
 
 
 @pytest.fixture(scope="session")
 def browser() -> Path:
     """A Chromium binary for the report's browser tests (Debian's chromium in CI)."""
-    path = env_path("FEDSIM_BROWSER", "file")
-    if path is None:
-        pytest.skip("FEDSIM_BROWSER is not set: headless-browser tests are skipped")
-    return path
+    return env_path_or_skip("FEDSIM_BROWSER", "file", "headless-browser tests")
 
 
 @pytest.fixture(scope="session")

@@ -15,3 +15,11 @@ def env_path(variable: str, kind: str) -> Path | None:
     if not (path.is_dir() if kind == "directory" else path.is_file()):
         pytest.fail(f"{variable}={value} is not a {kind}")
     return path
+
+
+def env_path_or_skip(variable: str, kind: str, needed_by: str) -> Path:
+    """``env_path`` for a fixture: unset skips the test, naming what is skipped."""
+    path = env_path(variable, kind)
+    if path is None:
+        pytest.skip(f"{variable} is not set: {needed_by} are skipped")
+    return path
