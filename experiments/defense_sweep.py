@@ -85,13 +85,18 @@ def seed_spread(summary: pd.DataFrame) -> list[str]:
     """The same round-1 updates as the main sweep attacked under three more attacker seeds (``attack.seed`` 1, 2,
     3): with the main sweep's own draw, four draws per (attack, defense). Each step between defenses is paired by
     seed, and set against the seed-to-seed standard deviation."""
-    from fedsim.sweep import collect, load_sweep
+    from fedsim.sweep import collect, load_sweep, point_config
 
+    main = load_sweep(HERE / "defense_sweep.toml")
+    attacks = {a["name"]: a for a in point_config(main, main.points[0]).attacks}
     lines = []
     for file, (batch, defenses) in SEED_SWEEPS.items():
         seeds = load_sweep(HERE / file)
         if not (seeds.root / "sweep.json").is_file():
             continue
+        for attack in point_config(seeds, seeds.points[0]).attacks:  # a restated attack must not drift from the main
+            if attack != attacks[attack["name"]]:
+                raise SystemExit(f"{file}: {attack['name']} differs from defense_sweep.toml's: {attack}")
         table = collect(seeds)["summary"]
         steps = list(zip(defenses, defenses[1:]))
         lines += [f"## Run-to-run spread of the attacks at batch {batch} (experiments/{file})", "",
