@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from fedsim.cli import THREADS_HELP, use_threads
+
 prior_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Generative priors of the attacker (GIAS, GIML): train one on public data.")
 
@@ -19,14 +21,14 @@ def train(
     split: str = typer.Option("train", "--split", help="Split of a named data set."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize every image to this side (power of "
                                              "two; default: as stored, 64 for image folders)."),
-    epochs: int = typer.Option(20, "--epochs", min=1),
-    batch_size: int = typer.Option(64, "--batch-size", min=2),
-    lr: float = typer.Option(2e-4, "--lr", min=0.0),
+    epochs: int = typer.Option(20, "--epochs", min=1, help="Passes over the data set."),
+    batch_size: int = typer.Option(64, "--batch-size", min=2, help="Mini-batch size."),
+    lr: float = typer.Option(2e-4, "--lr", min=0.0, help="Adam learning rate of both networks (beta1 0.5)."),
     nz: int = typer.Option(100, "--nz", min=1, help="Latent size."),
     ngf: int = typer.Option(64, "--ngf", min=1, help="Generator width."),
     ndf: int = typer.Option(64, "--ndf", min=1, help="Discriminator width."),
-    seed: int = typer.Option(0, "--seed"),
-    threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's choice)."),
+    seed: int = typer.Option(0, "--seed", help="Initialisation, data-order and sample-grid seed."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Train a DCGAN prior (CPU is enough: minutes on a few thousand 32x32 images)."""
     import torch
@@ -42,8 +44,7 @@ def train(
     try:
         if output.suffix != ".pt":
             raise ValueError(f"--output {output}: expected a .pt file")
-        if threads:
-            torch.set_num_threads(threads)
+        use_threads(threads)
         data = load_dataset(dataset, split, image_size=image_size or 64)
         if image_size:
             data = data.resized(image_size)

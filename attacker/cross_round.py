@@ -31,16 +31,16 @@ class CrossRoundInversion(InvertingGradients):
 
     def reconstruct_many(self, observed, threat, *, device="cpu", seed=0):
         out = []
-        for i, obs in enumerate(observed):
+        for obs in observed:
             t0 = time.perf_counter()
             cfg = attacker_train_config(obs, threat)
             labels, method = self.labels_for(obs, threat, cfg, public_model(obs))
             past = [k for k in self._history.get(obs.client_id, []) if k.observed.num_examples == obs.num_examples]
             used = past[len(past) - (self.rounds_used - 1):] if self.rounds_used > 1 else []
-            parts = [inversion_problem([obs], cfg, [labels], device)]
+            parts = [inversion_problem([obs], cfg, [labels], device, seed=seed)]  # part 0's seed starts the search
             parts += [inversion_problem([k.observed], k.config, [labels], device) for k in reversed(used)]
             spec = replace(self.engine_spec(), update_scale=update_scale(cfg))
-            result = AttackEngine(spec, device=device, seed=seed + i).run(JointProblem(parts, [{}] * len(parts)))
+            result = AttackEngine(spec, device=device, seed=seed).run(JointProblem(parts, [{}] * len(parts)))
             out.append(Reconstruction(
                 attack=self.name, images=result.images[0].numpy(), labels=result.labels[0].numpy(), label_method=method,
                 loss=float(result.losses[0]), seconds=time.perf_counter() - t0, iterations=result.iterations,

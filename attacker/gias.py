@@ -136,6 +136,11 @@ class WeightSpace(GeneratorSpace):
         self._choose(torch.device(device))
         return self
 
+    def init_each(self, seeds, R):
+        if self.latents is not None:  # fixed latents of every problem (GI-z/w's second stage): nothing to draw
+            return self.init(len(seeds), R, None)
+        return super().init_each(seeds, R)
+
     def init(self, P, R, generator):
         z = self.latents if self.latents is not None else self.random_latents(P, R, generator)
         lead = (P, R, self.problem.batch_size) if self.per_image else (P, R)

@@ -144,7 +144,7 @@ class GIML(GenerativeAttack):
                                  restarts=1, boxed=False, trace_every=0, update_scale=scale, batching=self.batching)
         for (_, _, task_cfg), members in by_round.items():
             observed = [tasks[j].observed for j in members]
-            problem = inversion_problem(observed, task_cfg, [tasks[j].labels for j in members], device)
+            problem = inversion_problem(observed, task_cfg, [tasks[j].labels for j in members], device, seed=seed)
             result = AttackEngine(latent_spec, device=device, seed=seed).run(problem, LatentSpace(problem, prior, self.generator_bn))
             for i, j in enumerate(members):
                 latents[j] = result.variables["z"][i, 0]

@@ -6,6 +6,7 @@ Bad input (config keys, values, missing data) ends with one line on stderr and e
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -18,6 +19,22 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Measure how much private data leaks from federated learning.")
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
+
+
+THREADS_HELP = ("torch threads for this command (default: half the CPUs this process may use, at most 4: the "
+                "small victims here gain little from more, and a busy machine oversubscribed by torch's default of "
+                "one thread per core ran the same attack 3.6-30x slower than with one thread).")
+
+
+def use_threads(threads: int | None) -> int:
+    """Set torch's thread count for a command: ``threads``, else the default of THREADS_HELP. Returns it."""
+    import torch
+
+    if not threads:
+        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, min(4, available // 2))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -38,12 +55,21 @@ def _user_errors():
 def _one_line(err: BaseException) -> str:
     from pydantic import ValidationError
 
-    if isinstance(err, ValidationError):
-        e = err.errors()[0]
-        key = ".".join(str(p) for p in e["loc"])
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        return f"{err.title}: {key}: {msg}"
+    if isinstance(err, ValidationError):  # the key in the user's words, not the model's class name
+        from .registry import validation_problems
+
+        key, problem = validation_problems(err)[0]
+        return f"{key}: {problem}"
     return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def _registered(registry: str) -> list[str]:
+    """Names in one of fedsim's registries (for help texts; plugins' entry points are listed, not imported)."""
+    from importlib import import_module
+
+    module = "fedsim.models" if registry == "MODELS" else "fedsim.contract"
+    found = getattr(import_module(module), registry)
+    return found.names() if hasattr(found, "names") else sorted(found)
 
 
 LEAKAGE_COLUMNS = {"round": "round", "client_id": "client", "attack": "attack", "batch_size": "batch",
@@ -77,13 +103,18 @@ def run(
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set federation.rounds=5 (repeatable)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join an existing Ray cluster."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the same directory from its last finished round and attack its backlog."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in the directory (without "
+                                   "it, a directory that holds a run is refused)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Run a federated simulation with an honest-but-curious server and report leakage per round and client."""
     from .config import load_config
+    from .results import check_open
 
     try:
+        mode = open_mode(resume, overwrite)
         cfg = load_config(config, set_)
+        check_open(cfg.run_dir, mode)  # before any data is read: a typo must not cost the earlier run
         if ray_address:
             cfg.ray.address = ray_address
         from .federation import prepare
@@ -91,19 +122,21 @@ def run(
         prepare(cfg)  # resolve data and partitions now: bad input fails before Ray starts
     except _user_errors() as err:
         fail(_one_line(err))
-    from .federation import run_experiment
+    from .federation import RunInterrupted, run_experiment
 
     from strategies.reproducible import ClientFailure
 
     from .config import ConfigError
-    from .results import DirectoryInUse
+    from .results import DirectoryInUse, RunDirectoryError
 
     try:
-        store = run_experiment(cfg, ray_address=ray_address, resume=resume, show_progress=not quiet)
-    except (ConfigError, DirectoryInUse) as err:  # before Ray starts: a resume that does not fit, a busy directory
+        store = run_experiment(cfg, ray_address=ray_address, mode=mode, show_progress=not quiet)
+    except (ConfigError, DirectoryInUse, RunDirectoryError) as err:  # before Ray starts: a resume that does not fit, a busy directory
         fail(_one_line(err))
     except ClientFailure as err:  # federation.on_client_error = "stop"; the rows written so far stay
         fail(f"{err}; finished rounds are in {cfg.run_dir} (resume with --resume)", code=1)
+    except RunInterrupted as err:
+        interrupted(f"{err}; continue it with: fedsim run {config} {resume_args(set_)}--resume")
     rounds = store.rounds.frame()
     if len(rounds):
         console.print(rounds[["round", "test_accuracy", "test_loss", "model_checksum"]].to_string(index=False))
@@ -113,6 +146,28 @@ def run(
         summary = leak[leak.status == "ok"].groupby(["round", "attack"])[["psnr_mean", "ssim_mean", "label_accuracy"]].mean()
         console.print(summary.to_string())
     console.print(f"results in {store.root}")
+
+
+def interrupted(message: str) -> None:
+    """Ctrl-C: one line, exit 130 at once. Flower's ServerApp thread may still wait on replies that will never
+    come (Ray is down), and it is not a daemon thread: a normal exit would wait for it."""
+    err_console.print(f"[bold yellow]stopped:[/] {message}", highlight=False, soft_wrap=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+
+
+def resume_args(overrides: list[str]) -> str:
+    import shlex
+
+    return "".join(f"--set {shlex.quote(o)} " for o in overrides)
+
+
+def open_mode(resume: bool, overwrite: bool) -> str:
+    """The run directory's open mode from the two flags (fedsim.results.RunDirectory)."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run or replace it")
+    return "resume" if resume else "overwrite" if overwrite else "new"
 
 
 def _parse_defense(text: str) -> dict:
@@ -140,10 +195,13 @@ def attack(
     image_size: int = typer.Option(64, "--image-size", help="Resize for image folders and ffhq."),
     indices: str = typer.Option("0-9", "--indices", help="Images to attack, e.g. 0-9 or 1,4,7."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Images per client update (consecutive)."),
-    attack_name: str = typer.Option("inverting_gradients", "--attack", help="Attack name."),
-    iterations: Optional[int] = typer.Option(None, "--iterations", min=1),
+    attack_name: str = typer.Option("inverting_gradients", "--attack", help="Attack name: "
+                                    f"{', '.join(_registered('ATTACKS'))} (or one an installed plugin registers)."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", min=1, help="Optimisation steps of the attack "
+                                             "(default: the attack's own)."),
     tv: Optional[float] = typer.Option(None, "--tv", min=0.0, help="Total-variation weight."),
-    restarts: Optional[int] = typer.Option(None, "--restarts", min=1),
+    restarts: Optional[int] = typer.Option(None, "--restarts", min=1, help="Independent starts per update; the "
+                                           "one whose simulated update fits best is kept (default: the attack's)."),
     attack_lr: Optional[float] = typer.Option(None, "--attack-lr", help="Attack optimiser step size."),
     param: list[str] = typer.Option([], "--param", help="Other attack parameter key=value (repeatable)."),
     trained: Optional[Path] = typer.Option(None, "--trained", help="Victim checkpoint (from train-victim)."),
@@ -157,12 +215,17 @@ def attack(
     lr: float = typer.Option(0.1, "--lr", help="Client learning rate."),
     epochs: int = typer.Option(1, "--epochs", min=1, help="FedAvg local epochs."),
     local_batch_size: Optional[int] = typer.Option(None, "--local-batch-size", help="FedAvg mini-batch size."),
-    labels: str = typer.Option("recovered", "--labels", help="known or recovered."),
-    label_method: str = typer.Option("auto", "--label-method"),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("cpu", "--device"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)."),
+    labels: str = typer.Option("recovered", "--labels", help="known (the client shares its labels) or recovered "
+                               "(from the update)."),
+    label_method: str = typer.Option("auto", "--label-method", help="How labels are recovered: "
+                                     f"{', '.join(_registered('LABEL_METHODS'))}."),
+    seed: int = typer.Option(0, "--seed", help="Run seed: the victim's initialisation, the client's draws and, on its "
+                             "own branch, the attacker's."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     output: Path = typer.Option(Path("runs/attack"), "--output", help="Directory for leakage.parquet and grids."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results already in --output (without it, "
+                                   "a directory that holds results is refused)."),
 ) -> None:
     """Attack single client updates without a federation (the fast path for research and paper checks)."""
     import torch
@@ -174,7 +237,10 @@ def attack(
 
     try:
         from .checks import check_device
+        from .results import check_open
 
+        check_open(output, "overwrite" if overwrite else "new",
+                   hint="use --overwrite to replace it, or another --output")
         check_device(device, "--device")
         if mode not in ("fedsgd", "fedavg"):
             raise ValueError(f"--mode must be fedsgd or fedavg, not {mode!r}")
@@ -183,8 +249,7 @@ def attack(
         from .registry import lookup
 
         lookup(LABEL_METHODS, label_method, "label method (--label-method)")
-        if threads:
-            torch.set_num_threads(threads)
+        use_threads(threads)
         spec: dict = {"name": attack_name}
         for key, value in (("iterations", iterations), ("tv", tv), ("restarts", restarts), ("lr", attack_lr),
                            ("prior", str(prior) if prior else None)):
@@ -201,12 +266,12 @@ def attack(
         defenses = [build_defense(_parse_defense(d)) for d in defense]
         threat = build_threat(defenses, labels=labels, label_method=label_method)
         data = load_dataset(dataset, split, path=data_path, annotations=annotations, attribute=attribute,
-                            image_size=image_size)
+                            image_size=image_size, path_key="--data-path")
         job = SingleUpdateJob(data=data, model_name=model, indices=parse_indices(indices), batch_size=batch_size,
                               attack=attack_obj, train=client.train_config(), defenses=defenses, threat=threat,
                               width=width, checkpoint=str(trained) if trained else None, seed=seed, device=device,
                               activation=activation)
-        rows = run_single(job, output)
+        rows = run_single(job, output, overwrite=overwrite)
     except _user_errors() as err:
         fail(_one_line(err))
     import pandas as pd
@@ -226,7 +291,8 @@ def experiment(
     config: Path = typer.Argument(..., help="Experiment TOML (cases of a paper table)."),
     set_: list[str] = typer.Option([], "--set", help="Override a key, e.g. --set indices=0-19."),
     only: list[str] = typer.Option([], "--only", help="Run only cases whose name contains this (repeatable)."),
-    device: str = typer.Option("cpu", "--device"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Reproduce a paper table: run its cases and write the markdown table next to the config."""
     from .experiment import run_experiment_file
@@ -235,6 +301,7 @@ def experiment(
         from .checks import check_device
 
         check_device(device, "--device")
+        use_threads(threads)
         frame = run_experiment_file(config, set_, only, device=device, log=console.print)
     except _user_errors() as err:
         fail(_one_line(err))
@@ -312,13 +379,15 @@ def report(
 
 @app.command("train-victim")
 def train_victim(
-    model: str = typer.Option("lenet_zhu", "--model"),
-    dataset: str = typer.Option("cifar10", "--dataset"),
-    epochs: int = typer.Option(10, "--epochs", min=1),
-    batch_size: int = typer.Option(64, "--batch-size", min=1),
-    lr: float = typer.Option(0.01, "--lr"),
-    width: int = typer.Option(64, "--width"),
-    seed: int = typer.Option(0, "--seed"),
+    model: str = typer.Option("lenet_zhu", "--model", help=f"Victim architecture: {', '.join(_registered('MODELS'))}."),
+    dataset: str = typer.Option("cifar10", "--dataset", help="cifar10, cifar100, or a path (.npz or image folder); "
+                                "its test split, where it has one, gives the test accuracy."),
+    epochs: int = typer.Option(10, "--epochs", min=1, help="Passes over the training split."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Mini-batch size."),
+    lr: float = typer.Option(0.01, "--lr", help="SGD learning rate (Nesterov momentum 0.9, weight decay 5e-4)."),
+    width: int = typer.Option(64, "--width", help="convnet/resnet18 width."),
+    seed: int = typer.Option(0, "--seed", help="Initialisation and data-order seed."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     output: Path = typer.Option(..., "--output", help="Where to save the state dict (.pt)."),
 ) -> None:
     """Train a victim centrally (SGD with momentum, flips and crops) and save it for --trained / model.checkpoint."""
@@ -326,6 +395,7 @@ def train_victim(
     from .victims import train_centrally
 
     try:
+        use_threads(threads)
         train = load_dataset(dataset, "train")
         try:
             test = load_dataset(dataset, "test")

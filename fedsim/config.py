@@ -18,7 +18,7 @@ from .checks import check_device_name
 from .contract import LABEL_METHODS, ThreatModel, build_attack
 from .defenses import Defense, build_defense, shared_by
 from .models import MODELS
-from .registry import lookup
+from .registry import SpecError, lookup, validation_problems
 from .training import TrainConfig
 
 
@@ -248,11 +248,8 @@ def _construct(factory, spec, where: str):
         raise ValueError(f"{where} must be a table with a name")
     try:
         factory(spec)
-    except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
-        raise ValueError(f"{where}.{key}: {msg}") from None
+    except SpecError as err:
+        raise ValueError(f"{where}.{err.key}: {err.problem}") from None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -261,11 +258,8 @@ def _construct(factory, spec, where: str):
 
 def _format_validation_error(err: ValidationError) -> str:
     parts = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "config"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+    for key, msg in validation_problems(err, ExperimentConfig):
+        key = key or "config"
         parts.append(msg if msg.startswith(f"{key}.") else f"{key}: {msg}")
     return "invalid config: " + "; ".join(parts)
 

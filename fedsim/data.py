@@ -250,13 +250,17 @@ def load_dataset(
     download_root: str | Path | None = None,
     annotations: str | Path | None = None,
     attribute: str = "gender",
+    path_key: str = "data.path",
 ) -> ImageData:
     """Load a data set split by name (``cifar10``, ``cifar100``, ``imagefolder``, ``npz``, ``ffhq``) or by path.
 
-    ``dataset`` may itself be a path to an ``.npz`` file or an image folder. For CIFAR the explicit ``path`` is
-    tried first, then ``$FEDSIM_DATA_DIR``, then torchvision's download into ``download_root``. ``ffhq`` reads the
-    image folder ``path`` with labels from the json ``annotations`` (see :func:`read_ffhq`).
+    ``dataset`` may itself be a path to an ``.npz`` file or an image folder. For CIFAR an explicit ``path`` is the
+    only place looked in (a path the user names is never passed over for another); without one, ``$FEDSIM_DATA_DIR``
+    then torchvision's download into ``download_root``. ``ffhq`` reads the image folder ``path`` with labels from the
+    json ``annotations`` (see :func:`read_ffhq`). ``path_key`` is how the user named ``path`` (for errors).
     """
+    if path and not Path(path).expanduser().exists():
+        raise DataError(f"{path_key}={path}: no such file or folder")
     if dataset == "ffhq":
         if not path or not annotations:
             raise DataError("data set 'ffhq' needs data.path (the images) and data.annotations (the json files)")
@@ -272,14 +276,16 @@ def load_dataset(
         raise DataError(f"unknown data set {dataset!r}; use cifar10, cifar100, imagefolder, npz, ffhq or a path")
 
     tried: list[str] = []
-    folders: list[Path] = []
     if path:
-        folders.append(Path(path).expanduser())
-    if os.environ.get(DATA_DIR_ENV):
-        folders.append(Path(os.environ[DATA_DIR_ENV]).expanduser())
-    for folder in folders:
+        folder = Path(path).expanduser()
         if folder.is_file():
             return _load_path(folder, image_size, name=dataset)
+        found = _cifar_from_folder(dataset, folder, split)
+        if found is None:
+            raise DataError(f"{path_key}={path}: no {_TV_FOLDER[dataset]}/ or {dataset}_{split}*.npz there")
+        return found
+    if os.environ.get(DATA_DIR_ENV):
+        folder = Path(os.environ[DATA_DIR_ENV]).expanduser()
         found = _cifar_from_folder(dataset, folder, split) if folder.is_dir() else None
         if found is not None:
             return found

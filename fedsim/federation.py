@@ -35,7 +35,7 @@ from .checks import check_device, check_resources
 from .client import choose_samples, client_round
 from .config import ConfigError, ExperimentConfig, resume_conflict
 from .contract import LeakageRecord, ModelSpec, ServerView, ThreatModel, build_attack
-from .data import ImageData, load_dataset, partition_indices
+from .data import DataError, ImageData, load_dataset, partition_indices
 from .defenses import build_defense
 from .evaluation import LeakageEvaluator
 from .models import build_model
@@ -76,6 +76,8 @@ class DataPlan:
     def test_source(self) -> ImageData | None:
         """A separate held-out split if the source has one, else None (then a fraction is split off)."""
         if self.test_path:
+            if not Path(self.test_path).exists():
+                raise DataError(f"data.test_path={self.test_path}: no such file or folder")
             return _load(self.test_path, "test", None, self.image_size, self.data_dir)
         if self.dataset in ("cifar10", "cifar100"):
             return _load(self.dataset, "test", self.path, self.image_size, self.data_dir)
@@ -292,6 +294,14 @@ class Session:
         return count
 
 
+class RunInterrupted(Exception):
+    """Ctrl-C: the run stopped; every finished round and row is in its run directory, ``--resume`` continues."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(f"interrupted; finished rounds and rows are in {root}")
+        self.root = root
+
+
 class FederationSizeError(ConfigError):
     """The Flower federation has a different number of nodes than the experiment has clients."""
 
@@ -487,12 +497,13 @@ def check_cluster(cfg: ExperimentConfig, address: str) -> None:
         raise ConfigError(str(err)) from None
 
 
-def open_run_directory(cfg: ExperimentConfig, resume: bool) -> tuple[RunDirectory, int]:
-    """The run directory and the last round it finished (-1: fresh); a resume that would change the results is a
-    ConfigError before anything starts."""
-    store = RunDirectory(cfg.run_dir, resume=resume)
+def open_run_directory(cfg: ExperimentConfig, mode: str = "new") -> tuple[RunDirectory, int]:
+    """The run directory (``mode``: new, resume or overwrite, see RunDirectory) and the last round it finished (-1:
+    fresh); a directory that already holds a run without resume/overwrite, or a resume that would change the
+    results, is a one-line error before anything starts."""
+    store = RunDirectory(cfg.run_dir, mode)
     try:
-        return store, _continue_from(store, cfg, resume)
+        return store, _continue_from(store, cfg, mode == "resume")
     except BaseException:
         store.close()
         raise
@@ -500,7 +511,7 @@ def open_run_directory(cfg: ExperimentConfig, resume: bool) -> tuple[RunDirector
 
 def _continue_from(store: RunDirectory, cfg: ExperimentConfig, resume: bool) -> int:
     finished = -1
-    if resume and (store.root / "config.json").is_file():
+    if resume:
         conflict = resume_conflict(json.loads((store.root / "config.json").read_text()), cfg.model_dump())
         if conflict:
             raise ConfigError(f"--resume: the config differs from the run in {store.root} at {conflict}")
@@ -545,7 +556,7 @@ def open_session(fed: Federation, store: RunDirectory, finished: int, progress: 
     return session
 
 
-def run_experiment(cfg: ExperimentConfig, *, ray_address: str | None = None, resume: bool = False,
+def run_experiment(cfg: ExperimentConfig, *, ray_address: str | None = None, mode: str = "new",
                    show_progress: bool = True) -> RunDirectory:
     """Run a configured federation with its attacks; returns the run directory (rows are written as they come).
 
@@ -556,11 +567,12 @@ def run_experiment(cfg: ExperimentConfig, *, ray_address: str | None = None, res
     from flwr.simulation import run_simulation
 
     fed = prepare(cfg)
-    store, finished = open_run_directory(cfg, resume)
+    store, finished = open_run_directory(cfg, mode)
     progress = Progress(cfg.federation.rounds, enabled=show_progress)
     address = ray_address or cfg.ray.address
     init_args = _ray_settings(cfg, address)
     logging.getLogger("flwr").setLevel(logging.WARNING)
+    session = None
     try:
         if not ray.is_initialized():
             ray.init(**{k: v for k, v in init_args.items() if v is not None})
@@ -583,6 +595,10 @@ def run_experiment(cfg: ExperimentConfig, *, ray_address: str | None = None, res
             raise session.error
         if not session.done.is_set():
             raise RuntimeError("the server app did not finish")
+    except KeyboardInterrupt:
+        if session is not None and session.pool is not None:
+            session.pool.abort()  # before Ray shuts down: nothing may touch Ray (or start a new one) after it
+        raise RunInterrupted(store.root) from None
     finally:
         store.close()
         if ray.is_initialized() and not address:

@@ -6,7 +6,9 @@ pyproject.toml names these components (``[tool.flwr.app.components]``) and the r
 - ``experiment``: the experiment TOML (relative paths resolve against the working directory of Flower's runtime,
   then against this source tree);
 - ``set``: overrides in ``fedsim run --set`` syntax, separated by spaces (``"federation.rounds=2 seed=3"``);
-- ``resume``: continue the run directory from its last finished round, as ``fedsim run --resume``.
+- ``resume``: continue the run directory from its last finished round, as ``fedsim run --resume``;
+- ``overwrite``: replace the run already in the run directory, as ``fedsim run --overwrite`` (without either, a run
+  directory that holds a run is refused).
 
 The ServerApp runs in Flower's simulation process, which also starts Ray for the ClientApps: it waits for that Ray,
 then places the attacker pool on it and writes the same run directory as ``fedsim run``. Client processes rebuild
@@ -41,6 +43,21 @@ def experiment_path(name: str) -> Path:
     raise FileNotFoundError(f"run config experiment={name!r}: no such file (in {os.getcwd()} or {SOURCE_TREE})")
 
 
+RUN_CONFIG_KEYS = ("experiment", "set", "resume", "overwrite")
+FLWR_HINT = "set the run config resume=true to continue it, overwrite=true to replace it, or another name"
+
+
+class RunFailed(RuntimeError):
+    """fedsim's one-line reason a ``flwr run`` failed (raised without fedsim's own stack)."""
+
+
+def open_mode(run_config: dict) -> str:
+    resume, overwrite = bool(run_config.get("resume", False)), bool(run_config.get("overwrite", False))
+    if resume and overwrite:
+        raise ValueError("run config: resume and overwrite exclude each other")
+    return "resume" if resume else "overwrite" if overwrite else "new"
+
+
 @lru_cache(maxsize=4)
 def _config(experiment: str, overrides: str) -> ExperimentConfig:
     return load_config(experiment_path(experiment), shlex.split(overrides))
@@ -48,9 +65,9 @@ def _config(experiment: str, overrides: str) -> ExperimentConfig:
 
 def config_of(run_config: dict) -> ExperimentConfig:
     """The experiment a run config names, with its overrides applied (one line per bad key, as ``fedsim run``)."""
-    unknown = sorted(set(run_config) - {"experiment", "set", "resume"})
+    unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS))
     if unknown:
-        raise ValueError(f"run config: unknown key {unknown[0]!r} (expected experiment, set, resume)")
+        raise ValueError(f"run config: unknown key {unknown[0]!r} (expected {', '.join(RUN_CONFIG_KEYS)})")
     return _config(str(run_config.get("experiment", "")), str(run_config.get("set", "")))
 
 
@@ -65,16 +82,22 @@ def main(grid: Grid, context: Context) -> None:
     try:
         _main(grid, context)
     except (ConfigError, ValueError, FileNotFoundError) as err:  # one line in Flower's run log; the run fails
-        log.error("fedsim: %s", str(err).splitlines()[0] if str(err) else type(err).__name__)
-        raise
+        line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        log.error("fedsim: %s", line)
+        # Flower logs the exception it receives with its traceback: give it this line alone, not fedsim's stack.
+        raise RunFailed(line) from None
 
 
 def _main(grid: Grid, context: Context) -> None:
     import ray
 
+    from .results import check_open
+
     cfg = config_of(dict(context.run_config))
+    mode = open_mode(dict(context.run_config))
+    check_open(cfg.run_dir, mode, hint=FLWR_HINT, resume_flag="resume=true")  # before any data is read
     fed = prepare(cfg)
-    store, finished = open_run_directory(cfg, bool(context.run_config.get("resume", False)))
+    store, finished = open_run_directory(cfg, mode)
     try:
         deadline = time.monotonic() + 600
         while not ray.is_initialized():  # Flower starts Ray for the ClientApps after this thread: use that Ray

@@ -129,13 +129,14 @@ class AttackWorker:
         return dict(self.restored)
 
     def where(self) -> dict[str, str]:
-        """The Ray node and host this worker runs on."""
+        """The Ray node, host and GPUs (Ray's assignment, comma-separated; empty on CPU) this worker runs on."""
         import socket
 
         import ray
 
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-        return {"node_id": node, "host": socket.gethostname(), "pid": str(os.getpid())}
+        gpus = ",".join(str(g) for g in ray.get_gpu_ids()) if ray.is_initialized() else ""
+        return {"node_id": node, "host": socket.gethostname(), "pid": str(os.getpid()), "gpus": gpus}
 
 
 @dataclass
@@ -203,6 +204,7 @@ class AttackerPool:
         self._seq = 0
         self._cv = threading.Condition()
         self._closed = False
+        self._aborted = False  # an interrupted run: no Ray call from here on (Ray may already be gone)
         self._collector = threading.Thread(target=self._collect, name="attacker-collector", daemon=True)
         self._collector.start()
 
@@ -289,10 +291,17 @@ class AttackerPool:
             with self._cv:
                 while not self._pending and not self._closed:
                     self._cv.wait()
-                if not self._pending and self._closed:
+                if self._aborted or (not self._pending and self._closed):
                     return
                 refs = list(self._pending)
-            ready, _ = ray.wait(refs, num_returns=1, timeout=0.5)
+            try:
+                ready, _ = ray.wait(refs, num_returns=1, timeout=0.5)
+            except Exception:  # noqa: BLE001 - Ray went away under an interrupted run: stop quietly
+                if self._aborted:
+                    return
+                raise
+            if self._aborted:
+                return
             for ref in ready:
                 # a call leaves _pending only once its rows are recorded or its retry is in flight, so drain()
                 # never returns while a row is still on its way
@@ -384,6 +393,17 @@ class AttackerPool:
                 self._cv.wait(timeout=remaining if remaining is not None else 1.0)
         if self._errors:
             raise self._errors[0]
+
+    def abort(self) -> None:
+        """Stop now (an interrupted run): the collector makes no further Ray call, pending calls are forgotten.
+        Their updates stay in the run directory's queue, so ``--resume`` attacks them."""
+        if self.executor == "inline":
+            return
+        with self._cv:
+            self._closed = self._aborted = True
+            self._pending.clear()
+            self._cv.notify_all()
+        self._collector.join(timeout=5)
 
     def close(self) -> None:
         if self.executor == "inline":

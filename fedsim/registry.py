@@ -11,6 +11,7 @@ An entry point is loaded (its module imported) the first time its name is looked
 
 from __future__ import annotations
 
+import difflib
 from importlib.metadata import entry_points
 from typing import Any, Callable, TypeVar
 
@@ -79,7 +80,53 @@ def lookup(registry: dict[str, T], name: Any, kind: str) -> T:
     return registry[name]
 
 
+class SpecError(ValueError):
+    """A bad parameter in the table of a registered thing (a defense, an attack): ``key`` within that table, what is
+    wrong with it, and the name the user typed (never the class name)."""
+
+    def __init__(self, kind: str, name: str, key: str, problem: str) -> None:
+        self.key, self.problem = key, problem
+        super().__init__(f"{kind} {name!r}: {key}: {problem}")
+
+
+def _fields_at(model: Any, path: tuple) -> list[str]:
+    """The field names of the pydantic model reached from ``model`` along ``path`` (empty where it is no model)."""
+    for part in path:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        model = fields[part].annotation
+    return list(getattr(model, "model_fields", None) or [])
+
+
+def validation_problems(err: Any, model: Any = None) -> list[tuple[str, str]]:
+    """Each error of a pydantic ``ValidationError`` as (dotted key, problem), unknown keys first (a misspelt key
+    also makes its correct spelling "missing": the misspelling is the news), with the nearest field of ``model``
+    suggested for an unknown key."""
+    out = []
+    for e in sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden"):
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc)
+        problem = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            problem = "unknown key"
+            near = difflib.get_close_matches(str(loc[-1]), _fields_at(model, loc[:-1]), n=1)
+            if near:
+                problem += f" (did you mean {near[0]!r}?)"
+        out.append((key, problem))
+    return out
+
+
 def build_from_spec(registry: dict[str, type], spec: dict, kind: str):
-    """Construct ``registry[spec["name"]](**rest)`` from a config table."""
+    """Construct ``registry[spec["name"]](**rest)`` from a config table; a bad parameter is a one-line
+    :class:`SpecError` in the user's words."""
+    from pydantic import ValidationError
+
     spec = dict(spec)
-    return lookup(registry, spec.pop("name", None), kind)(**spec)
+    name = spec.pop("name", None)
+    cls = lookup(registry, name, kind)
+    try:
+        return cls(**spec)
+    except ValidationError as err:
+        key, problem = validation_problems(err, cls)[0]
+        raise SpecError(kind, name, key, problem) from None

@@ -93,19 +93,81 @@ class RunLock:
             self._file = None
 
 
+# What a run writes into its directory. Only these make a directory "hold a run", and only these are removed by
+# an overwrite: a sweep's point.json and run.log, or a user's own notes, stay.
+RUN_FILES = ("config.json", "leakage.parquet", "rounds.parquet", "failures.parquet", "attacker_workers.json",
+             "report.html", "checkpoints", "queue", "grids", "reconstructions", "attacker")
+OPEN_MODES = ("new", "resume", "overwrite")
+
+
+class RunDirectoryError(ValueError):
+    """A run directory that cannot be opened as asked (one line, before anything is written)."""
+
+
+def run_files(root: Path) -> list[str]:
+    """The run's own files already in ``root`` (empty: no run there)."""
+    return [name for name in RUN_FILES if (Path(root) / name).exists()]
+
+
+NEW_RUN_HINT = "use --resume to continue it, --overwrite to replace it, or another name"
+
+
+def check_open(root: Path, mode: str, *, hint: str = NEW_RUN_HINT, resume_flag: str = "--resume") -> None:
+    """Whether ``root`` may be opened in ``mode`` (``new``: it holds no run; ``resume``: it holds one;
+    ``overwrite``: anything), as a one-line :class:`RunDirectoryError` (``hint``: what the user can do instead,
+    in the words of the command that opens it). Read-only: call it before any work starts."""
+    if mode not in OPEN_MODES:
+        raise ValueError(f"run directory mode {mode!r}; use one of {', '.join(OPEN_MODES)}")
+    root = Path(root)
+    if mode == "new" and run_files(root):
+        raise RunDirectoryError(f"{root} already holds a run ({describe(root)}); {hint}")
+    if mode == "resume" and not (root / "config.json").is_file():
+        raise RunDirectoryError(f"{resume_flag}: no run to continue in {root} (it has no config.json); "
+                                f"drop {resume_flag} to start one")
+
+
+def describe(root: Path) -> str:
+    """A few words on what a run directory holds (for refusals)."""
+    parts = []
+    for name, what in (("rounds.parquet", "rounds"), ("leakage.parquet", "leakage rows")):
+        path = Path(root) / name
+        if path.is_file():
+            try:
+                parts.append(f"{len(pd.read_parquet(path))} {what}")
+            except Exception:  # noqa: BLE001 - an unreadable table is still a table that would be lost
+                parts.append(f"an unreadable {name}")
+    return ", ".join(parts) or ", ".join(run_files(root))
+
+
 class RunDirectory:
     """``leakage.parquet`` and ``rounds.parquet``, ``grids/``, ``reconstructions/``, ``config.json``, the attacker's
     saved state (``attacker/``), the global model per round (``checkpoints/``) and the attack backlog (``queue/``);
-    locked for as long as this process writes it."""
+    locked for as long as this process writes it.
 
-    def __init__(self, root: Path, resume: bool = False) -> None:
+    ``mode``: ``new`` refuses a directory that already holds a run (nothing is lost by a mistyped command),
+    ``resume`` needs one and keeps its rows, ``overwrite`` removes the earlier run's files first."""
+
+    def __init__(self, root: Path, mode: str = "new") -> None:
         self.root = Path(root)
-        self.lock = RunLock(self.root)  # before anything is removed or written
+        if mode == "resume":
+            check_open(self.root, mode)  # before the lock creates the directory
+        self.lock = RunLock(self.root)  # before anything is checked, removed or written ("in use" comes first)
+        try:
+            check_open(self.root, mode)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.mode = mode
         self.attacker = self.root / "attacker"  # saved attacker state (fedsim.pool), one folder per stateful attack
         self.reconstructions = self.root / "reconstructions"  # each scored batch beside its ground truth
-        if not resume:  # a fresh run must not start from, or show, an earlier run's model, backlog or state
-            for name in ("attacker", "checkpoints", "queue", "grids", "reconstructions"):
-                shutil.rmtree(self.root / name, ignore_errors=True)
+        if mode == "overwrite":  # the earlier run's files go, all of them (a stale report or grid would mislead)
+            for name in RUN_FILES:
+                path = self.root / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        resume = mode == "resume"
         (self.root / "grids").mkdir(parents=True, exist_ok=True)
         self.checkpoints = ModelCheckpoints(self.root / "checkpoints")
         self.queue = UpdateQueue(self.root / "queue")

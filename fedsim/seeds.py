@@ -3,7 +3,8 @@
 Clients: one seed per (run seed, round, client, purpose): sample choice, step order, defense noise.
 Attacker workers: a root derived on a spawn branch of the run seed that no client seed lies on; workers are given
 only that root (never the run seed), so an attack cannot regenerate the clients' sample choice or partitioning, and
-the attack seed of each (round, attack) is drawn from the root.
+the attack seed of each (round, attack) is drawn from the root, and each update's own stream from that seed and the
+update's identity (round, client), so an update is attacked from the same draws whichever updates share its call.
 """
 
 from __future__ import annotations
@@ -29,3 +30,9 @@ def attacker_root(seed: int, attack_seed: int | None = None) -> int:
 def attack_seed(root: int, server_round: int, attack_index: int) -> int:
     """The seed an attack runs with on one round's updates (restart inits, prior task sampling)."""
     return int(np.random.SeedSequence(root, spawn_key=(server_round, attack_index)).generate_state(1)[0])
+
+
+def update_seed(call_seed: int, server_round: int, client_id: int) -> int:
+    """One update's stream within an attack call (restart inits, random codes): a function of the call's seed and
+    the update's identity only, never of its position among the updates attacked with it."""
+    return int(np.random.SeedSequence([call_seed, server_round, client_id + 1]).generate_state(1)[0])

@@ -60,7 +60,9 @@ class SingleUpdateJob:
     activation: str = "default"
 
 
-def run_single(job: SingleUpdateJob, output: Path) -> list[LeakageRecord]:
+def run_single(job: SingleUpdateJob, output: Path, *, overwrite: bool = False) -> list[LeakageRecord]:
+    """Attack the job's updates and write their rows to ``output`` (a directory that already holds results is
+    refused unless ``overwrite``)."""
     data = job.data
     bad = [i for i in job.indices if not 0 <= i < len(data)]
     if bad:
@@ -75,7 +77,7 @@ def run_single(job: SingleUpdateJob, output: Path) -> list[LeakageRecord]:
     job.attack.check_threat(job.threat)
     global_state = float_state(model)
     global_np = {k: v.numpy() for k, v in global_state.items()}
-    store = RunDirectory(output)
+    store = RunDirectory(output, "overwrite" if overwrite else "new")
     store.write_config({
         "name": Path(output).name, "command": "fedsim attack", "seed": job.seed, "device": job.device,
         "data": {"dataset": data.name, "indices": job.indices, "batch_size": job.batch_size},
@@ -90,12 +92,15 @@ def run_single(job: SingleUpdateJob, output: Path) -> list[LeakageRecord]:
     view = ServerView(spec, (data.mean, data.std), job.threat, tuple(d.tag() for d in job.defenses))
     observed_list = []
     batches = [job.indices[i:i + job.batch_size] for i in range(0, len(job.indices), job.batch_size)]
-    for b, ids in enumerate(batches):
+    for ids in batches:
+        # A batch's client is named by its first image, so an image's update (and the attack's draws for it, which
+        # follow the update's identity) is the same whichever --indices it was attacked in.
+        client = ids[0]
         fedsgd = job.train.mode == "fedsgd"
         cfg = replace(job.train, num_samples=len(ids), batch_size=len(ids) if fedsgd else job.train.batch_size)
         reply = client_round(model, global_state, data, np.asarray(ids), cfg, job.defenses, job.threat,
-                             seed=job.seed, server_round=0, client_id=b)
-        content = reply_content(reply, b, global_state)
+                             seed=job.seed, server_round=0, client_id=client)
+        content = reply_content(reply, client, global_state)
         evaluator.register_audit(read_audit(content, 0))
         observed_list.append(view.observe(0, global_np, cfg.to_record(), read_reply(content)))
     seed = attack_seed(attacker_root(job.seed), 0, 0)  # the attacker's stream, as in a federation

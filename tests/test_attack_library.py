@@ -30,19 +30,22 @@ def test_analytic_recovery_is_exact_on_a_fully_connected_network():
     assert torch.allclose(linear_input(gw, gb).float(), features, atol=1e-5)
 
 
-@pytest.mark.parametrize("tolerance_change", [1e-9, 1e-2])
-def test_batched_lbfgs_follows_torch_lbfgs_per_candidate(tolerance_change, float64):
-    """Each candidate follows its own torch.optim.LBFGS run. With tolerance_change 1e-2 candidates end steps early
-    at different points (a stopping test ends the step, not the run: torch moves them again next step)."""
+@pytest.mark.parametrize("tolerance_change,line_search", [(1e-9, None), (1e-2, None), (1e-9, "strong_wolfe"),
+                                                         (1e-2, "strong_wolfe")])
+def test_batched_lbfgs_follows_torch_lbfgs_per_candidate(tolerance_change, line_search, float64):
+    """Each candidate follows its own torch.optim.LBFGS run, with and without the strong-Wolfe line search (a
+    quartic term makes the line search bracket and zoom). With tolerance_change 1e-2 candidates end steps early at
+    different points (a stopping test ends the step, not the run: torch moves them again next step)."""
     torch.manual_seed(0)
     dim, problems, steps, max_iter = 6, 3, 4, 6
     A = [torch.randn(dim, dim) for _ in range(problems)]
     A = [a @ a.T * scale + torch.eye(dim) for a, scale in zip(A, (0.1, 1.0, 4.0))]
     b = [torch.randn(dim) for _ in range(problems)]
     start = torch.randn(problems, 1, dim)
+    quartic = 0.0 if line_search is None else 0.5  # a fixed step of 0.5 diverges on the quartic
 
     def f(x, i):
-        return 0.5 * x @ A[i] @ x - b[i] @ x
+        return 0.5 * x @ A[i] @ x - b[i] @ x + quartic * x.pow(4).sum()
 
     variables = {"x": start.clone().requires_grad_(True)}
 
@@ -55,14 +58,15 @@ def test_batched_lbfgs_follows_torch_lbfgs_per_candidate(tolerance_change, float
             totals[i, 0] = value.detach()
         return totals, totals, {"x": grads}
 
-    ours = BatchedLBFGS(variables, OptimizerSpec(name="lbfgs", lr=0.5, max_iter=max_iter, history_size=4), steps,
-                        tolerance_change=tolerance_change)
+    spec = OptimizerSpec(name="lbfgs", lr=0.5, max_iter=max_iter, history_size=4, line_search=line_search)
+    ours = BatchedLBFGS(variables, spec, steps, tolerance_change=tolerance_change)
     for _ in range(steps):
         ours.step(closure)
-    short_steps = 0
+    short_steps, reference_evaluations = 0, 0
     for i in range(problems):
         xi = start[i, 0].clone().requires_grad_(True)
-        ref = torch.optim.LBFGS([xi], lr=0.5, max_iter=max_iter, history_size=4, tolerance_change=tolerance_change)
+        ref = torch.optim.LBFGS([xi], lr=0.5, max_iter=max_iter, history_size=4, tolerance_change=tolerance_change,
+                                line_search_fn=line_search)
         calls = []
 
         def ref_closure():
@@ -76,7 +80,11 @@ def test_batched_lbfgs_follows_torch_lbfgs_per_candidate(tolerance_change, float
             before = len(calls)
             ref.step(ref_closure)
             short_steps += len(calls) - before < max_iter
+        reference_evaluations = max(reference_evaluations, len(calls))
         assert torch.allclose(variables["x"][i, 0], xi.detach(), atol=1e-10), i
+    assert ours.evaluations >= reference_evaluations  # one batched call serves every candidate's evaluation
+    if line_search is not None and tolerance_change < 1e-3:
+        assert reference_evaluations > steps * max_iter  # the line search took extra evaluations, as torch's
     if tolerance_change > 1e-3:
         assert short_steps >= problems  # early stops were exercised
 
@@ -155,3 +163,46 @@ def test_dlg_with_joint_labels_recovers_an_image(cifar_test):
     assert row.status == "ok" and row.label_method == "joint" and row.label_accuracy == 1.0
     assert row.psnr_mean > 25.0, row.psnr_mean
     assert row.label_acc_idlg == 1.0 and row.label_acc_count == 1.0
+
+
+def observed_images(data, indices, threat=None):
+    """Real FedSGD updates of single images as the server observes them (client id = image index)."""
+    from dataclasses import replace
+
+    from fedsim.client import client_round
+    from fedsim.contract import ModelSpec, ServerView, ThreatModel
+    from fedsim.protocol import read_reply, reply_content
+
+    threat = threat or ThreatModel()
+    model = build_model("lenet_zhu", 10, image_size=32, seed=0)
+    state = float_state(model)
+    view = ServerView(ModelSpec("lenet_zhu", 10, data.shape), (data.mean, data.std), threat)
+    cfg = replace(TrainConfig(lr=0.1), num_samples=1, batch_size=1)
+    out = []
+    for i in indices:
+        reply = client_round(model, state, data, np.asarray([i]), cfg, [], threat, seed=0, server_round=1,
+                             client_id=i)
+        out.append(view.observe(1, {k: v.numpy() for k, v in state.items()}, cfg.to_record(),
+                                read_reply(reply_content(reply, i, state))))
+    return out
+
+
+@pytest.mark.parametrize("attack", [{"name": "inverting_gradients", "iterations": 25, "restarts": 2},
+                                    {"name": "dlg", "iterations": 3, "max_iter": 5, "restarts": 2}])
+@pytest.mark.parametrize("batching", ["stacked", "vmap", "loop"])
+def test_an_updates_result_does_not_depend_on_the_updates_attacked_with_it(cifar_test, batching, attack):
+    """Each update's draws follow its own identity (fedsim.seeds.update_seed), not its position in the call or in
+    a chunk of it: the same update alone, with others, in another order, or chunked, gives the same images."""
+    from attacker.attacks import build_attack
+    from fedsim.contract import ThreatModel
+
+    obs = observed_images(cifar_test, [0, 1, 2])
+    alone = build_attack({**attack, "batching": batching}).reconstruct_many([obs[1]], ThreatModel(), seed=7)[0]
+    together = build_attack({**attack, "batching": batching}).reconstruct_many(obs[::-1], ThreatModel(), seed=7)[1]
+    chunked = build_attack({**attack, "batching": batching, "max_parallel": 2}).reconstruct_many(
+        obs, ThreatModel(), seed=7)[1]  # one update per chunk: image 1 runs first in the second chunk
+    for other in (together, chunked):
+        assert np.abs(other.images - alone.images).max() < 1e-4
+    if batching == "loop":  # the call's seed still matters
+        other_seed = build_attack({**attack, "batching": batching}).reconstruct_many([obs[1]], ThreatModel(), seed=8)[0]
+        assert np.abs(other_seed.images - alone.images).max() > 1e-2

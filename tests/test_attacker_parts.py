@@ -204,7 +204,39 @@ def test_psnr_matching_and_label_accuracy():
     scores = score(noisy[perm], gt, np.array([1, 1, 2, 3]), np.array([1, 2, 2, 3]))
     assert scores.label_accuracy == pytest.approx(0.75)
     assert np.allclose(scores.psnr, psnr(noisy, gt).numpy(), atol=1e-4)
-    assert np.isnan(scores.lpips).all() or (scores.lpips >= 0).all()
+
+
+def test_lpips_without_backbone_weights_is_nan_with_one_warning(tmp_path, monkeypatch, caplog):
+    """No download is attempted: without AlexNet's weights in the torch cache every LPIPS is NaN, said once."""
+    from fedsim.metrics import LPIPSMetric
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty torch cache
+    monkeypatch.setattr(LPIPSMetric, "_instance", None)
+    a = torch.rand(3, 3, 32, 32)
+    with caplog.at_level("WARNING", logger="fedsim"):
+        values = [LPIPSMetric.shared()(a, a.flip(0)) for _ in range(3)]
+    assert all(torch.isnan(v).all() and v.shape == (3,) for v in values)
+    warnings = [r for r in caplog.records if "LPIPS reported as NaN" in r.getMessage()]
+    assert len(warnings) == 1 and str(tmp_path) in warnings[0].getMessage()
+
+
+def test_lpips_with_backbone_weights_measures_distance():
+    """Where AlexNet's ImageNet weights are in the torch cache (they cannot be downloaded here): 0 for identical
+    images, growing with the distortion, and lower for the nearer image."""
+    from pathlib import Path
+
+    from fedsim.metrics import ALEXNET_WEIGHTS, LPIPSMetric
+
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_WEIGHTS
+    if not cached.is_file():
+        pytest.skip(f"AlexNet weights are not at {cached} (no download here); LPIPS is NaN without them")
+    metric = LPIPSMetric()
+    torch.manual_seed(0)
+    gt = torch.rand(4, 3, 32, 32)
+    near, far = (gt + 0.05 * torch.randn_like(gt)).clamp(0, 1), (gt + 0.3 * torch.randn_like(gt)).clamp(0, 1)
+    same, small, large = metric(gt, gt), metric(near, gt), metric(far, gt)
+    assert same.abs().max() < 1e-5
+    assert (small > 0).all() and (large > small).all() and torch.isfinite(large).all()
 
 
 def test_inverting_gradients_reconstructs_a_real_image(cifar_test):

@@ -64,3 +64,27 @@ def test_fedavg_updates_with_several_local_steps_are_attacked(tmp_path, data_dir
     assert row.status == "ok" and row.batch_size == 4 and row.label_accuracy == 1.0 and row.label_method == "known"
     # the replayed 4-step client is fitted: measured 0.21 cosine distance at 1 iteration, 0.056 at 30
     assert row.update_cosine_distance < 0.1 and row.update_sign_agreement > 0.85
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    """`fedsim COMMAND --help` explains each option; --attack lists the attacks a user can name."""
+    import typer.main
+
+    from fedsim.cli import add_plugin_commands, app
+
+    add_plugin_commands()
+    group = typer.main.get_command(app)
+    commands = {name: cmd for name, cmd in group.commands.items()}
+    for name, sub in list(commands.items()):
+        if hasattr(sub, "commands"):  # a plugin's command group (fedsim prior train)
+            commands.update({f"{name} {n}": c for n, c in sub.commands.items()})
+            del commands[name]
+    assert {"run", "attack", "train-victim", "experiment", "sweep", "report", "prior train"} <= set(commands)
+    missing = [f"{name} {p.opts[0]}" for name, cmd in commands.items() for p in cmd.params
+               if p.param_type_name == "option" and not p.help]
+    assert not missing, missing
+    from importlib.metadata import distribution
+
+    own = [ep.name for ep in distribution("fedsim").entry_points if ep.group == "fedsim.attacks"]
+    attack_help = next(p.help for p in commands["attack"].params if p.name == "attack_name")
+    assert len(own) >= 10 and all(name in attack_help for name in own), attack_help

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -216,3 +217,33 @@ def test_randomised_defenses_give_the_same_update_in_every_process():
     digests = {subprocess.run([sys.executable, "-c", NOISY_CLIENT], check=True, capture_output=True, text=True,
                               env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout.strip() for h in (1, 2, 3, 4)}
     assert len(digests) == 1, digests
+
+
+def test_secure_aggregation_is_the_example_weighted_mean_for_unequal_counts():
+    """Clients of 1, 3 and 6 examples: the one reply the server sees is sum(n_i w_i) / sum(n_i), checked against a
+    hand sum in float64, with the total count, the count-weighted loss and the union of the samples."""
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    from fedsim.protocol import ARRAYS, AUDIT, METRICS, SHARED
+    from flwr.serverapp.strategy import FedAvg
+
+    from strategies.secure_aggregation import AGGREGATE_ID, SecureAggregation
+
+    rng = np.random.default_rng(0)
+    counts, losses = [1, 3, 6], [0.5, 1.0, 2.0]
+    weights = [{"w": rng.normal(size=(4, 5)).astype(np.float32), "b": rng.normal(size=3).astype(np.float32)}
+               for _ in counts]
+    contents = [RecordDict({ARRAYS: ArrayRecord({k: torch.from_numpy(v.copy()) for k, v in w.items()}),
+                            METRICS: MetricRecord({"num-examples": n, "train-loss": loss, "partition-id": i}),
+                            SHARED: ConfigRecord(),
+                            AUDIT: ConfigRecord({"sample-ids": list(range(10 * i, 10 * i + n)), "step-ids": []})})
+                for i, (w, n, loss) in enumerate(zip(weights, counts, losses))]
+    out = SecureAggregation(FedAvg(), {}).aggregate_content(contents)
+    for key in ("w", "b"):
+        hand = sum(n * w[key].astype(np.float64) for n, w in zip(counts, weights)) / sum(counts)
+        np.testing.assert_allclose(out[ARRAYS][key].numpy(), hand, rtol=1e-6, atol=1e-7)
+        assert not np.allclose(out[ARRAYS][key].numpy(), np.mean([w[key] for w in weights], axis=0), atol=1e-3)
+    metrics = out[METRICS]
+    assert metrics["num-examples"] == 10 and metrics["partition-id"] == AGGREGATE_ID
+    assert metrics["train-loss"] == pytest.approx((0.5 * 1 + 1.0 * 3 + 2.0 * 6) / 10)
+    assert list(out[AUDIT]["sample-ids"]) == [0, 10, 11, 12, 20, 21, 22, 23, 24, 25]

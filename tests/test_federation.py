@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedsim.config import load_config
-from fedsim.contract import ObservedUpdate
+from fedsim.contract import AuditRecord, ObservedUpdate
 from fedsim.federation import run_experiment
 
 pytestmark = pytest.mark.ray
@@ -22,6 +22,7 @@ def spy(monkeypatch):
     import fedsim_outside
 
     fedsim_outside.SEEN.clear()
+    fedsim_outside.SEEDS.clear()
     return fedsim_outside.SEEN
 
 
@@ -53,23 +54,77 @@ def test_tee_and_attacks_leave_the_global_model_bit_identical(tmp_path, referenc
     assert not (off.root / "leakage.parquet").exists()
 
 
-def test_attacks_receive_only_what_the_server_observes(tmp_path, data_dir, spy):
-    SEEN = spy
-    cfg = small_config(tmp_path, "spy", 'attacks=[{name="outside_spy"}]', 'attack.executor="inline"',
-                       'threat.labels="known"', "client.batch_size=2",
+def carried(value, path="update"):
+    """Every (path, leaf) inside a record: dataclass fields, dict keys and values, sequences, arrays."""
+    from dataclasses import fields, is_dataclass
+
+    yield path, value
+    if is_dataclass(value):
+        for f in fields(value):
+            yield from carried(getattr(value, f.name), f"{path}.{f.name}")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield f"{path}[{k!r}] (key)", k
+            yield from carried(v, f"{path}[{k!r}]")
+    elif isinstance(value, (list, tuple)) and not all(isinstance(v, (int, float)) for v in value):
+        for i, v in enumerate(value):
+            yield from carried(v, f"{path}[{i}]")
+
+
+def assert_no_ground_truth(record, audits: list[AuditRecord], images: list[np.ndarray]) -> None:
+    """No audit record (by type), no sequence of a client's sample ids or step ids, no audit key, and no true image
+    anywhere in ``record`` (an observed update, or its on-disk form)."""
+    truths = [sorted(a.sample_ids) for a in audits] + [sorted(a.step_ids) for a in audits if a.step_ids]
+    for path, leaf in carried(record):
+        assert not isinstance(leaf, AuditRecord), path
+        if isinstance(leaf, str):  # the audit record's fields, under either spelling (the wire's or the class's)
+            assert not any(word in leaf for word in ("sample-id", "sample_id", "step-id", "step_id", "audit")), path
+        if isinstance(leaf, (list, tuple, np.ndarray)) and len(leaf) > 1:
+            flat = np.asarray(leaf).ravel()
+            if np.issubdtype(flat.dtype, np.integer):
+                assert sorted(flat.tolist()) not in truths, path
+            if np.issubdtype(flat.dtype, np.floating):
+                for image in images:
+                    assert not (flat.size == image.size and np.allclose(flat, image.ravel(), atol=1e-3)), path
+
+
+def test_attacks_receive_only_what_the_server_observes(tmp_path, data_dir, spy, outside):
+    """On the Ray path: what reached the attacker actor, and the round's on-disk queue while the attack ran, carry
+    nothing of the audit record (by type and by content) and no true image; the evaluator still scores."""
+    import json
+
+    from fedsim.federation import prepare
+
+    seen = tmp_path / "seen"
+    queue = tmp_path / "spy" / "queue"
+    cfg = small_config(tmp_path, "spy", f'attacks=[{{name="outside_spy", record_to="{seen}", queue="{queue}"}}]',
+                       'threat.labels="known"', "client.batch_size=2", "attack.workers=1",
                        'defenses=[{name="topk", fraction=0.5}]')
     store = run_experiment(cfg, show_progress=False)
-    assert len(SEEN) == 4
+    calls = sorted(seen.iterdir())
+    observed = [obs for call in calls for obs in pickle.loads((call / "observed.pkl").read_bytes())]
+    assert len(observed) == 4 and not spy  # they reached the actor's process, not this one's
+    fed = prepare(cfg, checks=False)
     allowed = {"round", "client_id", "model", "normalization", "global_state", "update", "train_config",
                "num_examples", "shared", "defenses"}
-    for obs in SEEN:
-        assert isinstance(obs, ObservedUpdate) and set(vars(obs)) == allowed
+    for call in calls:
+        on_disk = {p.name: torch.load(p, weights_only=True) for p in sorted((call / "queue").glob("observed_*.pt"))}
+        truth = [json.loads(p.read_text()) for p in sorted((call / "queue").glob("audit_*.json"))]
+        assert len(on_disk) == 2 and len(truth) == 2  # the round's two attacked clients, both on disk
+        audits = [AuditRecord(round=t["round"], client_id=t["client_id"], sample_ids=tuple(t["sample_ids"]),
+                              step_ids=tuple(t["step_ids"])) for t in truth]
+        images = [fed.train.model_input(list(a.sample_ids)).numpy() for a in audits]
+        images += [fed.train.unit_tensor(list(a.sample_ids)).numpy() for a in audits]
+        for name, record in on_disk.items():
+            assert_no_ground_truth(record, audits, images)
+        for obs in pickle.loads((call / "observed.pkl").read_bytes()):
+            assert isinstance(obs, ObservedUpdate) and set(vars(obs)) == allowed
+            assert_no_ground_truth(obs, audits, images)
+    for obs in observed:
         assert set(obs.shared) == {"labels"}  # known labels are shared (as a sorted multiset), nothing else
         assert obs.shared["labels"] == sorted(obs.shared["labels"])
         assert set(obs.train_config) == {"mode", "lr", "epochs", "batch_size", "num_samples", "shuffle", "bn_mode"}
         assert obs.defenses == ("topk(fraction=0.5)",)
-        blob = pickle.dumps(obs)
-        assert b"sample-ids" not in blob and b"step-ids" not in blob and b"audit" not in blob
         # the observed update is the defended one: half of each layer is zero
         w = obs.update["fc.weight"]
         assert (w == 0).mean() == pytest.approx(0.5, abs=0.01)
@@ -154,6 +209,19 @@ def test_the_attack_chain_replays_a_real_fedavg_client_to_float_precision(tmp_pa
     with pytest.raises(ValueError, match="does not fit"):  # a wrong public model is refused, never half-loaded
         load_public_state(build_model("convnet", 10, width=8), {k: torch.from_numpy(v.copy())
                                                                for k, v in late[0].global_state.items()})
+    # The seed each attack call received: the attacker's stream (its root on its own branch of the run seed, then
+    # the round and the attack), never the run seed nor any seed a client drew its samples, order or noise from.
+    import fedsim_outside
+
+    from fedsim.seeds import attack_seed, attacker_root, round_seed
+
+    root = attacker_root(cfg.seed, cfg.attack.seed)
+    client_seeds = {round_seed(cfg.seed, r, c, purpose) for r in range(cfg.federation.rounds + 1)
+                    for c in range(cfg.federation.num_clients) for purpose in range(4)}
+    assert sorted({r for r, _ in fedsim_outside.SEEDS}) == list(range(1, cfg.federation.rounds + 1))
+    for server_round, seed in fedsim_outside.SEEDS:
+        assert seed == attack_seed(root, server_round, 0)
+        assert seed not in client_seeds and seed != cfg.seed and root not in client_seeds
 
 
 def test_secure_aggregation_shows_the_tee_only_the_exact_aggregate_and_leaves_fedavg_unchanged(tmp_path, data_dir, spy):

@@ -45,6 +45,8 @@ def flower_env(tmp_path):
 
 
 def flwr_run(env: dict, overrides: list[str], supernodes: int) -> str:
+    """``flwr run . --stream``; its exit code is 0 whether or not the app failed (Flower's behaviour): the run's
+    status is read with :func:`run_status`."""
     run_config = "set='" + " ".join(overrides) + "'"
     done = subprocess.run(["flwr", "run", ".", "--run-config", run_config, "--federation-config",
                            f"num-supernodes={supernodes} client-resources-num-cpus=1", "--stream"],
@@ -53,9 +55,23 @@ def flwr_run(env: dict, overrides: list[str], supernodes: int) -> str:
     return done.stdout + done.stderr
 
 
+def run_status(env: dict) -> tuple[str, str]:
+    """(status, sub-status) of the newest run on the local SuperLink, from ``flwr list`` as the README says."""
+    import json
+
+    listed = subprocess.run(["flwr", "list", "--format", "json"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    runs = json.loads(listed.stdout)["runs"]
+    newest = max(runs, key=lambda r: r["run-id"] if isinstance(r["run-id"], int) else int(r["run-id"]))
+    status = newest["status"]
+    return tuple(status.split(":", 1)) if ":" in status else (status, "")
+
+
 def test_flwr_run_equals_fedsim_run(reference, flower_env, tmp_path):
     out = tmp_path / "runs"
     flwr_run(flower_env, [f"output_dir={out}", "name=flower", *OVERRIDES], supernodes=4)
+    assert run_status(flower_env) == ("finished", "completed")
     assert_same_results(out / "flower", reference)
     assert (out / "flower" / "attacker_workers.json").is_file()
 
@@ -64,6 +80,11 @@ def test_flwr_run_with_the_wrong_federation_size_fails_with_one_line(data_dir, f
     out = tmp_path / "runs"
     log = flwr_run(flower_env, [f"output_dir={out}", "name=small", "federation.num_clients=4",
                                 "federation.rounds=1", "attack.clients_per_round=0"], supernodes=2)
-    assert "federation.num_clients=4 but the Flower federation has 2 nodes" in log, log[-2000:]
+    reason = "federation.num_clients=4 but the Flower federation has 2 nodes"
+    assert reason in log, log[-2000:]
     assert "--federation-config num-supernodes=4" in log
+    assert run_status(flower_env) == ("finished", "failed")
+    fedsim_lines = [line for line in log.splitlines() if "fedsim: " in line]
+    assert len(fedsim_lines) == 1 and reason in fedsim_lines[0], log[-3000:]
+    assert "fedsim/federation.py" not in log, "fedsim's own stack was printed"  # Flower's frames remain
     assert len(table(out / "small" / "rounds.parquet")) == 0

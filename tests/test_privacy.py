@@ -117,6 +117,16 @@ def test_the_epsilon_column_of_a_real_run_equals_the_rdp_accountant(tmp_path, da
     # seed 15 samples clients [0, 5], nobody, [3]: the empty round keeps the model and still counts as a release
     checks = list(rounds["model_checksum"])
     assert checks[2] == checks[1] and len({checks[0], checks[1], checks[3]}) == 3
+    # A run killed between rounds 2 and 3 (round 3's checkpoint never written) and resumed: the ledger continues
+    # from the two released rounds, it does not restart (a restarted one would report one round's epsilon).
+    (store.root / "checkpoints" / "round_003.pt").unlink()
+    resumed = pd.read_parquet(run_experiment(cfg, mode="resume", show_progress=False).root / "rounds.parquet")
+    assert list(resumed["round"]) == [0, 1, 2, 3]
+    assert resumed["epsilon"].iloc[3] == pytest.approx(rounds["epsilon"].iloc[3], rel=1e-12)
+    assert resumed["model_checksum"].iloc[3] == checks[3]
+    first = RDPAccountant()
+    first.step(noise_multiplier=nm, sample_rate=2 / 6)
+    assert resumed["epsilon"].iloc[3] > 1.5 * first.get_epsilon(1e-5)
 
 
 def test_dp_sgd_clips_each_example_and_adds_the_stated_noise(cifar_test):

@@ -4,6 +4,8 @@ processes): the same model checksum per round, each (round, client, attack) row 
 import os
 import signal
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,3 +76,51 @@ def test_resume_refuses_a_config_that_would_change_the_results(reference, monkey
     result = CliRunner().invoke(app, command(reference.parent, "reference")[3:] + ["--set", "client.lr=0.5", "--resume"])
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and "client.lr" in lines[0], result.stderr
+
+
+def processes_under(path: Path) -> list[int]:
+    """PIDs whose command line mentions ``path`` (the run's private temp dir: its Ray processes)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(path) in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_ctrl_c_stops_within_seconds_with_one_line_and_the_printed_command_resumes(reference):
+    """Ctrl-C (SIGINT to the foreground process group, as a terminal sends it) while attacks run: exit 130 with one
+    line naming the run directory and the command that continues it, no traceback, no Ray started after the
+    interrupt and none left running; that command then finishes the run with the uninterrupted run's results."""
+    tmp = reference.parent
+    run, cmd = tmp / "interrupted", command(tmp, "interrupted")
+    private = Path(tempfile.mkdtemp(prefix="fs-int-"))  # short: Ray's socket paths below it must fit 107 bytes
+    env = {**os.environ, "TMPDIR": str(private)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=env)
+    deadline = time.time() + 300
+    while len(table(run / "rounds.parquet")) < 2:  # round 1 finished: its attacks are running
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:] if proc.poll() else ""
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    sent = time.monotonic()
+    out, err = proc.communicate(timeout=120)
+    seconds = time.monotonic() - sent
+    assert proc.returncode == 130, err[-2000:]
+    assert seconds < 30, f"took {seconds:.0f} s to stop"  # it took 66 s when the collector restarted Ray
+    assert "Traceback" not in err and err.count("Started a local Ray instance") <= 1, err[-2000:]
+    stopped = [line for line in err.splitlines() if line.startswith("stopped:")]
+    assert len(stopped) == 1 and str(run) in stopped[0], err[-2000:]
+    deadline = time.time() + 20
+    while processes_under(private) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not processes_under(private), "Ray processes outlived the interrupted run"
+    assert len(table(run / "rounds.parquet")) < ROUNDS + 1  # it really stopped early
+    command_line = stopped[0].split("continue it with: ", 1)[1]
+    resumed = subprocess.run(command_line, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                             executable="/bin/bash", env={**os.environ, "PATH": f"{Path(sys.executable).parent}:"
+                                                                                  f"{os.environ['PATH']}"})
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    check_equal(run, reference)

@@ -1,4 +1,4 @@
-"""``fedsim sweep``: a 6-point grid of real federations, killed part-way and continued."""
+"""``fedsim sweep``: a 4-point grid of real federations, killed part-way and continued."""
 
 import json
 import os
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from environment import env_path
 
 from fedsim.sweep import load_sweep, toml_value
@@ -35,8 +36,7 @@ key = "client.batch_size"
 values = [1, 2]
 [[axes]]
 name = "defense"
-points = [{{label = "none", set = {{defenses = []}}}},
-          {{label = "DP", set = {{defenses = [{{name = "client_dp", clip = 1.0, noise_multiplier = 0.5}}]}}}},
+points = [{{label = "DP", set = {{defenses = [{{name = "client_dp", clip = 1.0, noise_multiplier = 0.5}}]}}}},
           {{label = "top-k 10%", set = {{defenses = [{{name = "topk", fraction = 0.1}}]}}}}]
 """
 
@@ -66,33 +66,48 @@ def test_toml_values_read_back_as_written():
     assert tomllib.loads(f"v = {toml_value(value)}")["v"] == value
 
 
+@pytest.mark.ray
 def test_a_killed_sweep_continues_without_rerunning_finished_points(tmp_path, data_dir):
     spec = tmp_path / "grid.toml"
     spec.write_text(SWEEP.format(base=ROOT / "experiments" / "quickstart.toml", out=tmp_path / "sweeps"))
     grid = load_sweep(spec)
-    assert len(grid.points) == 6
+    assert len(grid.points) == 4
     root = grid.root
     cmd = [sys.executable, "-m", "fedsim.cli", "sweep", str(spec)]
     env = {**os.environ, "FEDSIM_DATA_DIR": str(data_dir)}
 
-    # Kill the whole sweep (driver, its Ray and the running point) once two points are done.
+    def cut_point() -> str | None:
+        """A running point that has finished a round of its own (its rounds.parquet holds rounds 0 and 1)."""
+        for name, state in states(root).items():
+            rounds = root / "points" / name / "rounds.parquet"
+            if state.get("status") == "running" and rounds.is_file():
+                try:
+                    if len(pd.read_parquet(rounds)) >= 2:
+                        return name
+                except (OSError, ValueError):  # being replaced right now
+                    pass
+        return None
+
+    # Kill the whole sweep (driver, its Ray and the running point) once a point is done and the next is running
+    # with a finished round: that one is cut off part-way.
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 600
-    while sum(s.get("status") == "done" for s in states(root).values()) < 2:
+    while not (sum(s.get("status") == "done" for s in states(root).values()) >= 1 and cut_point()):
         assert proc.poll() is None, "the sweep ended before it was killed"
-        assert time.time() < deadline, "two points did not finish in 10 minutes"
-        time.sleep(0.5)
-    time.sleep(4)  # into the third point
+        assert time.time() < deadline, "no point was cut off part-way within 10 minutes"
+        time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = states(root)
     finished = {name for name, s in before.items() if s["status"] == "done"}
-    assert 2 <= len(finished) < 6
+    cut = [name for name, s in before.items() if s["status"] == "running"]
+    assert 1 <= len(finished) <= 2 and len(cut) == 1
+    kept_rounds = pd.read_parquet(root / "points" / cut[0] / "rounds.parquet")
+    assert len(kept_rounds) >= 2  # it was cut after a finished round
     stamps = {name: (root / "points" / name / "leakage.parquet").stat().st_mtime_ns for name in finished}
     partial = pd.read_parquet(root / "leakage.parquet")
     assert set(partial.point) == finished  # the table already holds every finished point's rows
-    cut = [name for name, s in before.items() if s["status"] == "running"]
     for name in cut:  # the point's own process died with the sweep (it would write beside the continued sweep)
         pid = before[name]["attempts"][-1]["pid"]
         deadline = time.time() + 30
@@ -106,9 +121,9 @@ def test_a_killed_sweep_continues_without_rerunning_finished_points(tmp_path, da
     # Continue two points at a time: each on its own local Ray with half the cores.
     done = subprocess.run([*cmd, "--parallel", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"{len(finished)} of 6 points already finished" in done.stdout
+    assert f"{len(finished)} of 4 points already finished" in done.stdout
     after = states(root)
-    assert len(after) == 6 and all(s["status"] == "done" for s in after.values())
+    assert len(after) == 4 and all(s["status"] == "done" for s in after.values())
     continued = sorted((s["attempts"][-1]["started"], s["attempts"][-1]["finished"])
                        for name, s in after.items() if name not in finished)
     assert any(b[0] < a[1] for a, b in zip(continued, continued[1:]))  # two points ran at the same time
@@ -116,18 +131,21 @@ def test_a_killed_sweep_continues_without_rerunning_finished_points(tmp_path, da
     for name in finished:  # not rerun: one attempt, rows untouched
         assert len(after[name]["attempts"]) == 1
         assert (root / "points" / name / "leakage.parquet").stat().st_mtime_ns == stamps[name]
-    for name in cut:  # the point the kill cut off ran again, from where it stopped
-        assert len(after[name]["attempts"]) == 2
+    for name in cut:  # the point the kill cut off ran again, from where it stopped: its finished rounds kept
+        assert len(after[name]["attempts"]) == 2 and after[name]["attempts"][-1]["resumed"]
+        resumed_rounds = pd.read_parquet(root / "points" / name / "rounds.parquet")
+        pd.testing.assert_frame_equal(resumed_rounds.iloc[:len(kept_rounds)].reset_index(drop=True), kept_rounds)
+        assert len(resumed_rounds) == 3
 
     leakage, rounds = pd.read_parquet(root / "leakage.parquet"), pd.read_parquet(root / "rounds.parquet")
     summary = pd.read_parquet(root / "summary.parquet")
-    assert set(leakage.point) == set(after) and len(leakage) == 6  # round 2 only, one attacked client per point
+    assert set(leakage.point) == set(after) and len(leakage) == 4  # round 2 only, one attacked client per point
     assert (leakage["round"] == 2).all() and (leakage.status == "ok").all()
     assert (leakage["client.batch_size"] == leakage.batch_size).all()  # the swept value is the one that ran
-    assert sorted(set(leakage.defense)) == ["DP", "none", "top-k 10%"]
+    assert sorted(set(leakage.defense)) == ["DP", "top-k 10%"]
     assert leakage.groupby("point").defenses.first().str.contains("topk").sum() == 2
-    assert len(rounds) == 6 * 3 and set(rounds["round"]) == {0, 1, 2}
-    assert len(summary) == 6 and (summary.images == summary["client.batch_size"]).all()
+    assert len(rounds) == 4 * 3 and set(rounds["round"]) == {0, 1, 2}
+    assert len(summary) == 4 and (summary.images == summary["client.batch_size"]).all()
     assert summary.test_accuracy.notna().all() and (summary.final_round == 2).all()
     assert (summary.utility == summary.test_accuracy).all()  # the last tenth of 2 rounds is the last round
     images = pd.read_parquet(root / "images.parquet")
@@ -153,7 +171,7 @@ def sweep_report_renders(root: Path, summary: pd.DataFrame) -> None:
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     html = page.read_text()
-    assert html.count("<details>") == 6 and "leakage against test accuracy" in html
+    assert html.count("<details>") == 4 and "leakage against test accuracy" in html
     if browser is None:
         return
     from browser import render

@@ -10,15 +10,32 @@ from pydantic import Field, PrivateAttr
 from fedsim.contract import Attack, Reconstruction
 
 SEEN: list = []  # every ObservedUpdate that reached SpyAttack in this process
+SEEDS: list = []  # (round, seed) of every SpyAttack call in this process
 
 
 class SpyAttack(Attack):
-    """Records exactly what reaches an attack; returns a blank reconstruction."""
+    """Records exactly what reaches an attack; returns a blank reconstruction. ``record_to``: also pickle what it
+    received there (from any process, e.g. a Ray actor), with a copy of the round's on-disk queue folder under
+    ``queue`` as it is while the attack runs."""
 
     name: ClassVar[str] = "outside_spy"
+    record_to: str | None = None
+    queue: str | None = None
 
     def reconstruct_many(self, observed, threat, *, device="cpu", seed=0):
         SEEN.extend(observed)
+        SEEDS.append((observed[0].round, seed))
+        if self.record_to:
+            import os
+            import pickle
+            import shutil
+            from pathlib import Path
+
+            out = Path(self.record_to) / f"call_{observed[0].round}_{os.getpid()}_{len(SEEDS)}"
+            out.mkdir(parents=True)
+            (out / "observed.pkl").write_bytes(pickle.dumps(list(observed)))
+            if self.queue:
+                shutil.copytree(Path(self.queue) / f"round_{observed[0].round:03d}", out / "queue")
         return [Reconstruction(self.name, np.zeros((o.num_examples, *o.model.image_shape), np.float32),
                                np.zeros(o.num_examples, np.int64), "none", 0.0, 0.0, 0, 1) for o in observed]
 
