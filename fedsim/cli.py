@@ -21,18 +21,24 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 
 
-THREADS_HELP = ("torch threads for this command (default: half the CPUs this process may use, at most 4: the "
-                "small victims here gain little from more, and a busy machine oversubscribed by torch's default of "
-                "one thread per core ran the same attack 3.6-30x slower than with one thread).")
+THREADS_HELP = ("torch threads for this command (default: the CPUs this process may use that are not already busy, "
+                "by the 1-minute load average, at least 1 and at most 4; torch's own default of one thread per core "
+                "ran an attack 3.6-30x slower than one thread on a loaded machine).")
+
+
+def default_threads() -> int:
+    """The usable CPUs not already busy (1-minute load average), at least 1, at most 4: all of an idle machine,
+    fewer on a busy one, where torch's one thread per core oversubscribes."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = int(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
+    return max(1, min(4, usable - busy))
 
 
 def use_threads(threads: int | None) -> int:
-    """Set torch's thread count for a command: ``threads``, else the default of THREADS_HELP. Returns it."""
+    """Set torch's thread count for a command: ``threads``, else :func:`default_threads`. Returns it."""
     import torch
 
-    if not threads:
-        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = max(1, min(4, available // 2))
+    threads = threads or default_threads()
     torch.set_num_threads(threads)
     return threads
 

@@ -187,3 +187,59 @@ def sweep_report_renders(root: Path, summary: pd.DataFrame) -> None:
     assert sum(a.startswith("ground truth") for a in alts) == int(summary.images.sum())
     for eps in summary.epsilon.dropna():
         assert f"{eps:.3f}" in shown.text  # the table's epsilon column
+
+
+SMALL_SWEEP = """
+base = "{base}"
+name = "retry"
+output_dir = "{out}"
+[set]
+"federation.num_clients" = 2
+"federation.clients_per_round" = 2
+"federation.rounds" = 1
+"data.test_samples" = {test_samples}
+"attack.clients_per_round" = 0
+[[axes]]
+key = "seed"
+values = [1, 2]
+"""
+
+
+@pytest.mark.ray
+def test_a_failed_point_fails_the_sweep_and_is_retried_and_a_changed_file_needs_fresh(tmp_path, data_dir):
+    spec = tmp_path / "retry.toml"
+
+    def write(test_samples: int, seeds: str = "[1, 2]") -> None:
+        spec.write_text(SMALL_SWEEP.format(base=ROOT / "experiments" / "quickstart.toml", out=tmp_path / "sweeps",
+                                           test_samples=test_samples).replace("[1, 2]", seeds))
+
+    def sweep(*args):
+        return subprocess.run([sys.executable, "-m", "fedsim.cli", "sweep", str(spec), *args], cwd=ROOT,
+                              env={**os.environ, "FEDSIM_DATA_DIR": str(data_dir)}, capture_output=True, text=True,
+                              timeout=600)
+
+    write(20)
+    grid = load_sweep(spec)
+    first, second = (p.directory for p in grid.points)
+    second.mkdir(parents=True)
+    (second / "leakage.parquet").write_bytes(b"an earlier run's rows")  # fedsim run refuses to replace them
+    failed = sweep()
+    assert failed.returncode == 1, failed.stdout[-2000:] + failed.stderr[-2000:]
+    assert "1 points failed" in failed.stderr
+    status = sweep("--status")
+    assert status.stdout.count(" done ") == 1 and status.stdout.count(" failed ") == 1
+    assert "already holds a run" in states(grid.root)[second.name]["error"]  # the point's one-line reason
+    (second / "leakage.parquet").unlink()
+    retried = sweep()
+    assert retried.returncode == 0, retried.stderr[-2000:]
+    after = states(grid.root)
+    assert [len(s["attempts"]) for _, s in sorted(after.items())] == [1, 2]  # the finished point was not rerun
+    assert all(s["status"] == "done" for s in after.values())
+    write(21, seeds="[1]")  # the file now says something the finished point 0 did not run
+    changed = sweep()
+    assert changed.returncode == 2 and "finished with a different config (data.test_samples: 20 -> 21)" in changed.stderr
+    fresh = sweep("--fresh")
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    after = states(grid.root)
+    assert [len(s["attempts"]) for _, s in sorted(after.items())] == [1]  # started over: point 1 is gone too
+    assert json.loads((first / "config.json").read_text())["data"]["test_samples"] == 21
