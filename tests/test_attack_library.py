@@ -151,18 +151,21 @@ def test_bn_fidelity_vanishes_at_the_true_batch_with_shared_statistics():
     assert bn_fidelity(torch.randn_like(x), ctx).item() > 0.1
 
 
-def test_dlg_with_joint_labels_recovers_an_image(cifar_test):
+def test_dlg_recovers_images_where_a_fixed_step_fails(cifar_test, tmp_path):
+    """DLG as fedsim runs it (4 restarts, strong-Wolfe L-BFGS, joint labels) on CIFAR-10 test images 6 and 12, the
+    two where fixed-step L-BFGS failed from most starts (5-7 dB after 300 steps): above 20 dB at a budget of 80
+    steps (measured 25.8 and 24.3), every label right. With ``line_search = "none"`` the same budget stayed below
+    15 dB when this test was written (checked once; not rerun here, it costs 40 s)."""
     from attacker.attacks import build_attack
     from fedsim.single import SingleUpdateJob, run_single
-    import pathlib
-    import tempfile
 
-    job = SingleUpdateJob(cifar_test, "lenet_zhu", [0], 1, build_attack({"name": "dlg", "iterations": 40,
-                                                                        "restarts": 2}), TrainConfig(lr=0.1))
-    (row,) = run_single(job, pathlib.Path(tempfile.mkdtemp()))
-    assert row.status == "ok" and row.label_method == "joint" and row.label_accuracy == 1.0
-    assert row.psnr_mean > 25.0, row.psnr_mean
-    assert row.label_acc_idlg == 1.0 and row.label_acc_count == 1.0
+    attack = build_attack({"name": "dlg", "iterations": 80})
+    assert attack.restarts == 4 and attack.labels == "joint" and attack.line_search == "strong_wolfe"
+    rows = run_single(SingleUpdateJob(cifar_test, "lenet_zhu", [6, 12], 1, attack, TrainConfig(lr=0.1)), tmp_path)
+    psnr = [row.psnr_mean for row in rows]
+    assert all(r.status == "ok" and r.label_method == "joint" and r.label_accuracy == 1.0 for r in rows)
+    assert min(psnr) > 20.0, psnr
+    assert all(r.label_acc_idlg == 1.0 and r.label_acc_count == 1.0 for r in rows)
 
 
 def observed_images(data, indices, threat=None):
