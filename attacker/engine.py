@@ -666,7 +666,7 @@ class BatchedLBFGS:
         loss, g = total.reshape(-1).clone(), self._flat(grads)
         evals = torch.ones(self.C, dtype=torch.long, device=g.device)
         active = g.abs().amax(1) > self.tol_grad
-        for inner in range(self.spec.max_iter):
+        for _ in range(self.spec.max_iter):
             if not bool(active.any()):
                 break
             d, t = self._begin_iteration(g, active)

@@ -115,7 +115,7 @@ def run(
 ) -> None:
     """Run a federated simulation with an honest-but-curious server and report leakage per round and client."""
     from .config import load_config
-    from .results import check_open
+    from .results import check_open, open_mode
 
     try:
         mode = open_mode(resume, overwrite)
@@ -167,13 +167,6 @@ def resume_args(overrides: list[str]) -> str:
     import shlex
 
     return "".join(f"--set {shlex.quote(o)} " for o in overrides)
-
-
-def open_mode(resume: bool, overwrite: bool) -> str:
-    """The run directory's open mode from the two flags (fedsim.results.RunDirectory)."""
-    if resume and overwrite:
-        raise ValueError("--resume and --overwrite exclude each other: continue the run or replace it")
-    return "resume" if resume else "overwrite" if overwrite else "new"
 
 
 def _parse_defense(text: str) -> dict:

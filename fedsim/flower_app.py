@@ -51,13 +51,6 @@ class RunFailed(RuntimeError):
     """fedsim's one-line reason a ``flwr run`` failed (raised without fedsim's own stack)."""
 
 
-def open_mode(run_config: dict) -> str:
-    resume, overwrite = bool(run_config.get("resume", False)), bool(run_config.get("overwrite", False))
-    if resume and overwrite:
-        raise ValueError("run config: resume and overwrite exclude each other")
-    return "resume" if resume else "overwrite" if overwrite else "new"
-
-
 @lru_cache(maxsize=4)
 def _config(experiment: str, overrides: str) -> ExperimentConfig:
     return load_config(experiment_path(experiment), shlex.split(overrides))
@@ -91,10 +84,12 @@ def main(grid: Grid, context: Context) -> None:
 def _main(grid: Grid, context: Context) -> None:
     import ray
 
-    from .results import check_open
+    from .results import check_open, open_mode
 
     cfg = config_of(dict(context.run_config))
-    mode = open_mode(dict(context.run_config))
+    run_config = dict(context.run_config)
+    mode = open_mode(bool(run_config.get("resume", False)), bool(run_config.get("overwrite", False)),
+                     flags="run config resume and overwrite")
     check_open(cfg.run_dir, mode, hint=FLWR_HINT, resume_flag="resume=true")  # before any data is read
     fed = prepare(cfg)
     store, finished = open_run_directory(cfg, mode)

@@ -112,6 +112,13 @@ def run_files(root: Path) -> list[str]:
 NEW_RUN_HINT = "use --resume to continue it, --overwrite to replace it, or another name"
 
 
+def open_mode(resume: bool, overwrite: bool, *, flags: str = "--resume and --overwrite") -> str:
+    """The open mode two switches ask for (``flags``: how the command names them, for the error)."""
+    if resume and overwrite:
+        raise RunDirectoryError(f"{flags} exclude each other: continue the run or replace it")
+    return "resume" if resume else "overwrite" if overwrite else "new"
+
+
 def check_open(root: Path, mode: str, *, hint: str = NEW_RUN_HINT, resume_flag: str = "--resume") -> None:
     """Whether ``root`` may be opened in ``mode`` (``new``: it holds no run; ``resume``: it holds one;
     ``overwrite``: anything), as a one-line :class:`RunDirectoryError` (``hint``: what the user can do instead,

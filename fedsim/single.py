@@ -40,6 +40,9 @@ def parse_indices(text: str) -> list[int]:
             raise ValueError(f"--indices {text!r}: expected ranges and numbers such as 0-9 or 1,4,7") from None
     if not out:
         raise ValueError(f"no indices in {text!r}")
+    repeated = sorted({i for i in out if out.count(i) > 1})
+    if repeated:  # an image is one client's sample once: a repeat would give two updates one identity
+        raise ValueError(f"--indices {text!r}: {repeated[:5]} given more than once")
     return out
 
 

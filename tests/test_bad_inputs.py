@@ -164,6 +164,7 @@ CASES = [
     ("attack model", [*ATTACK, "--model", "nope"], "nope"),
     ("attack indices", [*ATTACK[:1], "--indices", "a-b"], "a-b"),
     ("attack indices range", [*ATTACK[:1], "--indices", "99999"], "--indices"),
+    ("attack indices repeated", [*ATTACK[:1], "--indices", "0-3,2"], "[2] given more than once"),
     ("attack labels", [*ATTACK, "--labels", "maybe"], "--labels"),
     ("attack label method", [*ATTACK, "--label-method", "nope"], "nope"),
     ("attack device", [*ATTACK, "--device", "tpu"], "--device"),
