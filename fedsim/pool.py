@@ -276,6 +276,8 @@ class AttackerPool:
             self.on_round_done(server_round)
 
     def _launch(self, task: _Task) -> None:
+        if self._ray_gone():  # a Ray call now would start a new Ray; the update is queued on disk for --resume
+            return
         with self._cv:
             self._seq += 1
             task.seq, task.started = self._seq, None
@@ -285,7 +287,7 @@ class AttackerPool:
     # -- collection -------------------------------------------------------------------------------------------
     def _collect(self) -> None:
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
 
         while True:
             with self._cv:
@@ -297,11 +299,11 @@ class AttackerPool:
             try:
                 ready, _ = ray.wait(refs, num_returns=1, timeout=0.5)
             except Exception:  # noqa: BLE001 - Ray went away under an interrupted run: stop quietly
-                if self._aborted:
-                    return
+                if self._ray_gone():
+                    return self._stop_without_ray()
                 raise
-            if self._aborted:
-                return
+            if self._ray_gone():
+                return self._stop_without_ray()
             for ref in ready:
                 # a call leaves _pending only once its rows are recorded or its retry is in flight, so drain()
                 # never returns while a row is still on its way
@@ -311,8 +313,16 @@ class AttackerPool:
                     continue
                 try:
                     results = ray.get(ref)
-                except RayActorError as err:  # the actor died under this call (or was restarting): retry once
-                    if task.retries > 0:
+                except RayTaskError as err:  # the attack itself raised: that is its row
+                    results = [(i, task.key, err) for i in range(len(task.batch))]
+                except Exception as err:  # noqa: BLE001 - Ray failed, not the attack: no row says otherwise
+                    if self._ray_gone():  # Ctrl-C (Flower shuts Ray down first): the update stays queued for --resume
+                        return self._stop_without_ray()
+                    if not isinstance(err, RayActorError):
+                        self._errors.append(err)  # the run fails loudly; its queued updates are attacked on --resume
+                        self._settle(ref)
+                        continue
+                    if task.retries > 0:  # the actor died under this call (or was restarting): retry once
                         task.retries -= 1
                         log.warning("attacker worker %d died during %s (round %d); retrying once", task.worker,
                                     task.key, task.batch[0].round)
@@ -321,12 +331,27 @@ class AttackerPool:
                         self._settle(ref)
                         continue
                     results = [(i, task.key, err) for i in range(len(task.batch))]
-                except Exception as err:  # noqa: BLE001 - every update of the batch gets an error row
-                    results = [(i, task.key, err) for i in range(len(task.batch))]
                 self._deliver(task.batch, results)
                 self._settle(ref)
             if self.timeout is not None:
                 self._enforce_timeout()
+
+    def _ray_gone(self) -> bool:
+        """An interrupted run: aborted, or Ray already shut down under us (a Ray call now would start a new one)."""
+        import ray
+
+        return self._aborted or not ray.is_initialized()
+
+    def _stop_without_ray(self) -> None:
+        """The collector's last act once Ray is gone: no row for the calls in flight (their updates stay queued, so
+        ``--resume`` attacks them) and ``drain`` fails instead of waiting for them."""
+        with self._cv:
+            if self._pending and not self._aborted:
+                self._errors.append(RuntimeError(f"Ray shut down with {len(self._pending)} attack batches running; "
+                                                 "their updates stay queued for --resume"))
+            self._pending.clear()
+            self._closed = True
+            self._cv.notify_all()
 
     def _settle(self, ref) -> None:
         with self._cv:

@@ -37,7 +37,8 @@ def assert_same_results(run: Path, reference: Path) -> None:
     assert list(rounds["round"]) == list(range(ROUNDS + 1))
     assert list(rounds["model_checksum"]) == list(ref_rounds["model_checksum"])
     assert not rows.duplicated(["round", "client_id", "attack"]).any(), "a row was written twice"
-    assert len(rows) == ROUNDS * ATTACKED and (rows.status == "ok").all()
+    shown = rows[["round", "client_id", "attack", "status"]].to_string() if len(rows) else "no rows"
+    assert len(rows) == ROUNDS * ATTACKED and (rows.status == "ok").all(), shown
     ours, theirs = keyed(rows), keyed(ref_rows)
     assert list(ours.index) == list(theirs.index)
     for column in ("psnr_mean", "ssim_mean", "label_accuracy", "matching_loss"):
