@@ -68,6 +68,26 @@ def test_an_attack_past_its_timeout_becomes_a_failed_row_and_the_worker_recovers
     pool.close()
 
 
+def test_ray_shut_down_under_a_running_attack_writes_no_row_and_starts_no_new_ray(outside, ray_local, tmp_path):
+    """What Ctrl-C does under ``fedsim run``: Flower's runtime shuts Ray down before the interrupt reaches fedsim. The
+    attack in flight must not become an error row (``--resume`` skips updates that have a row, so it would never be
+    attacked), no Ray call may follow (it would start a new Ray), and ``drain`` says why instead of waiting."""
+    starts = tmp_path / "starts.txt"
+    rows = Rows()
+    pool = AttackerPool([{"name": "outside_sleep", "seconds": 30, "started_file": str(starts)}], ThreatModel(), rows,
+                        executor="ray", workers=1)
+    pool.submit(updates(1, [0]))
+    wait_for_starts(starts, 1, timeout=180)
+    ray_local.shutdown()
+    with pytest.raises(RuntimeError, match="stay queued for --resume"):
+        pool.drain(timeout=60)
+    pool.submit(updates(2, [1]))  # a round teed after the shutdown: nothing is launched
+    with pytest.raises(RuntimeError, match="stay queued for --resume"):
+        pool.close()
+    assert rows.rows == []
+    assert not ray_local.is_initialized()
+
+
 def client_fault_config(tmp_path, name, *overrides):
     return load_config("experiments/quickstart.toml", [
         f'name="{name}"', f'output_dir="{tmp_path}"', "federation.num_clients=4", "federation.clients_per_round=4",
