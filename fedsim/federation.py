@@ -27,19 +27,18 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from strategies.continued import Continued
-from strategies.honest_but_curious import HonestButCurious, UpdateTee
+from strategies.honest_but_curious import HonestButCurious
 from strategies.reproducible import ReproducibleSampling
 from strategies.secure_aggregation import SecureAggregation
 
+from .audit import AuditPlan, Auditor, PoolSettings
 from .checks import check_device, check_resources
 from .client import choose_samples, client_round
 from .config import ConfigError, ExperimentConfig, resume_conflict
 from .contract import LeakageRecord, ModelSpec, ServerView, ThreatModel, build_attack
 from .data import DataError, ImageData, load_dataset, partition_indices
 from .defenses import build_defense
-from .evaluation import LeakageEvaluator
 from .models import build_model
-from .pool import AttackerPool
 from .privacy import PrivacyLedger
 from .protocol import ARRAYS, CONFIG, METRICS, reply_content
 from .results import RunDirectory
@@ -110,6 +109,7 @@ class Federation:
     test_inputs: torch.Tensor
     test_labels: torch.Tensor
     spec: ModelSpec
+    audit: AuditPlan  # the attacker side of the run, built once here
 
 
 def prepare(cfg: ExperimentConfig, *, checks: bool = True) -> Federation:
@@ -141,10 +141,21 @@ def prepare(cfg: ExperimentConfig, *, checks: bool = True) -> Federation:
     n_test = len(test) if d.test_samples == 0 else min(d.test_samples, len(test))
     idx = np.arange(n_test)
     spec = ModelSpec(cfg.model.name, train.num_classes, train.shape, cfg.model.width, cfg.model.activation)
-    fed = Federation(cfg, plan, train, partitions, test.model_input(idx), test.label_tensor(idx), spec)
+    fed = Federation(cfg, plan, train, partitions, test.model_input(idx), test.label_tensor(idx), spec,
+                     audit_plan(cfg, spec, (train.mean, train.std)))
     if checks:
         _check_before_start(fed)
     return fed
+
+
+def audit_plan(cfg: ExperimentConfig, spec: ModelSpec, normalization) -> AuditPlan:
+    """The attacker side of a configured federation: the server's view, the attacks and where they run."""
+    a = cfg.attack
+    view = ServerView(spec, normalization, cfg.threat_model(), tuple(d.tag() for d in cfg.build_defenses()))
+    pool = PoolSettings(a.executor, a.workers, a.threads, cfg.device, attacker_gpus(cfg) if cfg.attacks else 0.0,
+                        dict(a.resources), a.timeout)
+    return AuditPlan(view, tuple(cfg.attacks), attacker_root(cfg.seed, a.seed), a.clients_per_round,
+                     None if a.rounds is None else frozenset(a.rounds), cfg.seed, pool)
 
 
 def _check_before_start(fed: Federation) -> None:
@@ -164,7 +175,7 @@ def _check_before_start(fed: Federation) -> None:
                         client_cpus=cfg.ray.client_cpus, client_gpus=cfg.ray.client_gpus,
                         attacker_gpus=attacker_gpus(cfg) if cfg.attacks else 0.0,
                         attacker_resources=cfg.attack.resources if cfg.attacks else None)
-    threat = cfg.threat_model()
+    threat = fed.audit.view.threat
     for i, attack in enumerate(cfg.attacks):
         try:
             built = build_attack(attack)
@@ -269,29 +280,11 @@ class Session:
 
     fed: Federation
     store: RunDirectory
-    pool: AttackerPool | None
-    evaluator: LeakageEvaluator | None
+    auditor: Auditor
     progress: "Progress | None" = None
     finished: int = -1  # the last round a resumed run had finished (-1: a fresh run)
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
-
-    def submit(self, observed: list) -> None:
-        """Tee -> disk -> attacker: a teed update is on disk before any attack of it starts."""
-        for obs in observed:
-            self.store.queue.put(obs)
-        self.pool.submit(observed)
-
-    def submit_backlog(self) -> int:
-        """Resume: attack again every queued update of a finished round that still misses a row."""
-        count = 0
-        for server_round in self.store.queue.rounds():
-            for audit in self.store.queue.audits(server_round):
-                self.evaluator.register_audit(audit)
-            observed = self.store.queue.observed(server_round)
-            count += len(observed)
-            self.pool.submit(observed)
-        return count
 
 
 class RunInterrupted(Exception):
@@ -379,12 +372,8 @@ def _server_main(grid: Grid, session: Session) -> None:
     strategy = ReproducibleSampling(inner, partition_of, cfg.federation.clients_per_round, cfg.seed,
                                     fail_on_client_error=cfg.federation.on_client_error == "stop",
                                     on_failure=client_failed, poisson=cfg.federation.sampling == "poisson")
-    if session.pool is not None:
-        view = ServerView(fed.spec, (fed.train.mean, fed.train.std), cfg.threat_model(),
-                          tuple(d.tag() for d in cfg.build_defenses()))
-        tee = UpdateTee(view, cfg.attack.clients_per_round, cfg.seed,
-                        submit=session.submit, audit=session.evaluator.register_audit, rounds=cfg.attack.rounds)
-        strategy = HonestButCurious(strategy, tee)  # it sees replies exactly as they arrive
+    if session.auditor.pool is not None:
+        strategy = HonestButCurious(strategy, session.auditor.observe)  # it sees replies exactly as they arrive
     if cfg.threat.secure_aggregation:  # outermost: inside it, the tee and FedAvg see only the round's aggregate
         strategy = SecureAggregation(strategy, partition_of)
 
@@ -415,8 +404,7 @@ def _server_main(grid: Grid, session: Session) -> None:
     train_config = ConfigRecord(cfg.client.train_config().to_record())
     strategy.start(grid=grid, initial_arrays=ArrayRecord(initial),
                    num_rounds=cfg.federation.rounds - start, train_config=train_config, evaluate_fn=evaluate)
-    if session.pool is not None:
-        session.pool.drain()  # Flower shuts Ray down when main returns: collect every attack first
+    session.auditor.drain()  # Flower shuts Ray down when main returns: collect every attack first
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -526,34 +514,13 @@ def _continue_from(store: RunDirectory, cfg: ExperimentConfig, resume: bool) -> 
 
 
 def open_session(fed: Federation, store: RunDirectory, finished: int, progress: Progress | None = None) -> Session:
-    """Evaluator and attacker pool on the running Ray, and the backlog of a resumed run resubmitted."""
-    cfg = fed.cfg
-    progress = progress or Progress(cfg.federation.rounds, enabled=False)
-    evaluator = pool = None
-    if cfg.attacks and cfg.attack.clients_per_round > 0:
-        done = {(int(r["round"]), int(r["client_id"]), str(r["attack"])) for r in store.leakage.rows}
-        train = fed.train
-        evaluator = LeakageEvaluator(lambda ids: (train.unit_tensor(ids), train.labels[ids]), store.leakage.append,
-                                     grid_dir=store.root / "grids", on_row=progress.attack_done,
-                                     on_audit=store.queue.put_audit, reconstruction_dir=store.reconstructions)
-        pool = AttackerPool(cfg.attacks, cfg.threat_model(), evaluator.record, executor=cfg.attack.executor,
-                            workers=cfg.attack.workers, threads=cfg.attack.threads, device=cfg.device,
-                            seed_root=attacker_root(cfg.seed, cfg.attack.seed), gpus_per_worker=attacker_gpus(cfg),
-                            resources=cfg.attack.resources, timeout=cfg.attack.timeout,
-                            state_dir=store.attacker, on_submit=progress.attacks_submitted, done=done,
-                            on_round_done=store.queue.drop)
-
-        def record_placement() -> None:  # which node runs which attacker worker, off the start-up path
-            try:
-                (store.root / "attacker_workers.json").write_text(json.dumps(pool.placement(), indent=2))
-            except Exception as err:  # noqa: BLE001 - informational only
-                log.warning("could not record where the attacker workers run: %s", err)
-
-        threading.Thread(target=record_placement, name="attacker-placement", daemon=True).start()
-    session = Session(fed, store, pool, evaluator, progress, finished=finished)
-    if pool is not None:
-        session.submit_backlog()  # before new rounds: stateful attacks see rounds in order
-    return session
+    """The run's auditor (attacker pool on the running Ray) and the backlog of a resumed run resubmitted."""
+    progress = progress or Progress(fed.cfg.federation.rounds, enabled=False)
+    train = fed.train
+    auditor = Auditor(fed.audit, store, lambda ids: (train.unit_tensor(ids), train.labels[ids]),
+                      on_submit=progress.attacks_submitted, on_row=progress.attack_done)
+    auditor.resume()  # before new rounds: stateful attacks see rounds in order
+    return Session(fed, store, auditor, progress, finished=finished)
 
 
 def run_experiment(cfg: ExperimentConfig, *, ray_address: str | None = None, mode: str = "new",
@@ -589,15 +556,14 @@ def run_experiment(cfg: ExperimentConfig, *, ray_address: str | None = None, mod
                                num_supernodes=cfg.federation.num_clients, backend_config=backend)
             else:
                 session.done.set()
-            if session.pool is not None:
-                session.pool.close()
+            session.auditor.close()
         if session.error is not None:
             raise session.error
         if not session.done.is_set():
             raise RuntimeError("the server app did not finish")
     except KeyboardInterrupt:
-        if session is not None and session.pool is not None:
-            session.pool.abort()  # before Ray shuts down: nothing may touch Ray (or start a new one) after it
+        if session is not None:
+            session.auditor.abort()  # before Ray shuts down: nothing may touch Ray (or start a new one) after it
         raise RunInterrupted(store.root) from None
     finally:
         store.close()

@@ -103,11 +103,10 @@ def _main(grid: Grid, context: Context) -> None:
         try:
             if finished < cfg.federation.rounds:
                 _server_main(grid, session)
-            elif session.pool is not None:
-                session.pool.drain()
+            else:
+                session.auditor.drain()
         finally:
-            if session.pool is not None:
-                session.pool.close()
+            session.auditor.close()
     finally:
         store.close()
     log.info("fedsim: results in %s", store.root)

@@ -68,8 +68,9 @@ class AttackWorker:
     """Holds one instance of every configured attack and runs the ones it owns on batches of observed updates."""
 
     def __init__(self, attack_specs: list[dict], threat: ThreatModel, device: str = "cpu", threads: int = 1,
-                 seed_root: int = 0, state_dir: str | None = None, worker_index: int = 0) -> None:
+                 seed_root: int = 0, state_dir: str | None = None, worker_index: int = 0, learn: bool = True) -> None:
         torch.set_num_threads(threads)
+        self.learn = learn  # end_round after each round (a one-off attack, fedsim attack, has no next round)
         self.attacks: list[Attack] = [build_attack(spec) for spec in attack_specs]
         self.keys = attack_keys(self.attacks)
         self.threat, self.device, self.seed_root = threat, device, seed_root
@@ -103,7 +104,8 @@ class AttackWorker:
         except Exception as err:  # noqa: BLE001 - a failing attack becomes error rows, the others still run
             out = [(i, self.keys[attack_index], err) for i in range(len(observed))]
         # A round the restored state has already learnt from (a resumed backlog) is attacked, not learnt again.
-        if attack.state_scope != "none" and server_round > self.restored.get(self.keys[attack_index], -1):
+        if (self.learn and attack.state_scope != "none"
+                and server_round > self.restored.get(self.keys[attack_index], -1)):
             folder = self._state_folder(attack_index)
             if folder is not None:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -168,7 +170,7 @@ class AttackerPool:
                  gpus_per_worker: float | None = None, state_dir: str | Path | None = None,
                  on_submit: Callable[[int], None] | None = None, done: set[tuple[int, int, str]] | None = None,
                  on_round_done: Callable[[int], None] | None = None,
-                 resources: dict[str, float] | None = None, timeout: float | None = None) -> None:
+                 resources: dict[str, float] | None = None, timeout: float | None = None, learn: bool = True) -> None:
         self.record = record
         self.executor = executor
         self.timeout = timeout  # seconds one call may run (ray executor); past it: error rows, the actor restarts
@@ -182,7 +184,7 @@ class AttackerPool:
         self._errors: list[BaseException] = []
         state = str(state_dir) if state_dir is not None else None
         if executor == "inline":
-            self._inline = AttackWorker(attack_specs, threat, device, threads, seed_root, state, 0)
+            self._inline = AttackWorker(attack_specs, threat, device, threads, seed_root, state, 0, learn)
             self.workers = 1
             return
         if executor != "ray":
@@ -198,7 +200,7 @@ class AttackerPool:
         remote = ray.remote(num_cpus=0, num_gpus=gpus_per_worker, resources=dict(resources or {}),
                             max_restarts=-1, max_task_retries=0)(AttackWorker)
         self.workers = workers
-        self._actors = [remote.remote(attack_specs, threat, device, threads, seed_root, state, w)
+        self._actors = [remote.remote(attack_specs, threat, device, threads, seed_root, state, w, learn)
                         for w in range(workers)]
         self._pending: dict = {}  # ObjectRef -> _Task
         self._seq = 0

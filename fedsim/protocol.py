@@ -10,12 +10,23 @@ ConfigRecords. The ClientApp writes replies with :func:`reply_content`; the serv
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from .contract import AuditRecord, ReplyView
 
 ARRAYS, METRICS, SHARED, AUDIT, CONFIG = "arrays", "metrics", "shared", "audit", "config"
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One client's train exchange as the server saw it: the records it sent (``arrays``: the global model,
+    ``config``: the train config) and the records that came back."""
+
+    sent: RecordDict
+    reply: RecordDict
 
 
 def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -1,7 +1,7 @@
 """Single-update mode (``fedsim attack``): one client update per batch of chosen images, no federation.
 
-The update is produced by the same client code as in a federation, seen through the same server view, attacked
-by the same attacks and scored by the same evaluator; independent images are inverted in one batched computation.
+The update is produced by the same client code as in a federation and goes through the same auditor (server view,
+attacker, evaluator, run directory); independent images are inverted in one batched computation.
 """
 
 from __future__ import annotations
@@ -10,16 +10,19 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from .audit import AuditPlan, Auditor, PoolSettings
 from .client import client_round
 from .contract import Attack, LeakageRecord, ModelSpec, ServerView, ThreatModel
 from .data import ImageData
 from .defenses import Defense
-from .evaluation import LeakageEvaluator
 from .models import build_model
-from .protocol import read_audit, read_reply, reply_content
+from .protocol import ARRAYS, CONFIG, Exchange, reply_content
 from .results import RunDirectory
-from .seeds import attack_seed, attacker_root
+from .seeds import attacker_root
 from .training import TrainConfig, float_state
 
 
@@ -79,21 +82,32 @@ def run_single(job: SingleUpdateJob, output: Path, *, overwrite: bool = False) -
     job.attack.check(spec)
     job.attack.check_threat(job.threat)
     global_state = float_state(model)
-    global_np = {k: v.numpy() for k, v in global_state.items()}
+    attack_spec = {"name": job.attack.name, **job.attack.model_dump()}
     store = RunDirectory(output, "overwrite" if overwrite else "new")
+    try:
+        return _attack(job, spec, model, global_state, attack_spec, store)
+    finally:
+        store.close()
+
+
+def _attack(job: SingleUpdateJob, spec: ModelSpec, model, global_state: dict, attack_spec: dict,
+            store: RunDirectory) -> list[LeakageRecord]:
+    data = job.data
     store.write_config({
-        "name": Path(output).name, "command": "fedsim attack", "seed": job.seed, "device": job.device,
+        "name": store.root.name, "command": "fedsim attack", "seed": job.seed, "device": job.device,
         "data": {"dataset": data.name, "indices": job.indices, "batch_size": job.batch_size},
         "model": {"name": job.model_name, "width": job.width, "activation": job.activation,
                   "checkpoint": job.checkpoint},
         "client": asdict(job.train), "defenses": [{"name": d.name, **d.model_dump()} for d in job.defenses],
-        "threat": asdict(job.threat), "attacks": [{"name": job.attack.name, **job.attack.model_dump()}]})
-    evaluator = LeakageEvaluator(lambda ids: (data.unit_tensor(ids), data.labels[ids]), store.leakage.append,
-                                 grid_dir=store.root / "grids", reconstruction_dir=store.reconstructions)
-
-    # The same server view as the federation's tee: the reply goes through the Flower records a client would send.
+        "threat": asdict(job.threat), "attacks": [attack_spec]})
+    # The same auditor as a federation's: the replies go through the Flower records a client would send and the
+    # server's view of them; the attack runs inline on all of them at once (one batched inversion).
     view = ServerView(spec, (data.mean, data.std), job.threat, tuple(d.tag() for d in job.defenses))
-    observed_list = []
+    pool = PoolSettings(executor="inline", workers=1, device=job.device, threads=torch.get_num_threads())  # --threads
+    plan = AuditPlan(view, (attack_spec,), attacker_root(job.seed), pool=pool, learn=False, backlog=False)
+    rows: list[LeakageRecord] = []
+    sent_arrays = ArrayRecord(global_state)
+    exchanges = []
     batches = [job.indices[i:i + job.batch_size] for i in range(0, len(job.indices), job.batch_size)]
     for ids in batches:
         # A batch's client is named by its first image, so an image's update (and the attack's draws for it, which
@@ -103,12 +117,10 @@ def run_single(job: SingleUpdateJob, output: Path, *, overwrite: bool = False) -
         cfg = replace(job.train, num_samples=len(ids), batch_size=len(ids) if fedsgd else job.train.batch_size)
         reply = client_round(model, global_state, data, np.asarray(ids), cfg, job.defenses, job.threat,
                              seed=job.seed, server_round=0, client_id=client)
-        content = reply_content(reply, client, global_state)
-        evaluator.register_audit(read_audit(content, 0))
-        observed_list.append(view.observe(0, global_np, cfg.to_record(), read_reply(content)))
-    seed = attack_seed(attacker_root(job.seed), 0, 0)  # the attacker's stream, as in a federation
-    try:
-        reconstructions = job.attack.reconstruct_many(observed_list, job.threat, device=job.device, seed=seed)
-        return [evaluator.record(obs, job.attack.name, rec) for obs, rec in zip(observed_list, reconstructions)]
-    finally:
-        store.close()
+        sent = RecordDict({ARRAYS: sent_arrays, CONFIG: ConfigRecord(cfg.to_record())})
+        exchanges.append(Exchange(sent, reply_content(reply, client, global_state)))
+    auditor = Auditor(plan, store, lambda ids: (data.unit_tensor(ids), data.labels[ids]), on_row=rows.append)
+    auditor.observe(0, exchanges)
+    auditor.close()
+    position = {batch[0]: i for i, batch in enumerate(batches)}
+    return sorted(rows, key=lambda row: position[row.client_id])  # in the order the images were given

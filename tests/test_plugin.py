@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTSIDE = Path(__file__).parent / "outside_plugin"  # a package with a dist-info, as pip would install it
@@ -77,20 +77,22 @@ def test_an_outside_attack_runs_from_the_command_line_with_hand_checked_psnr(tmp
 
 
 def test_one_observed_view_for_the_tee_and_the_single_update_path(tmp_path, data_dir, monkeypatch):
-    """The same client reply gives the same ObservedUpdate through the federation's tee and `fedsim attack`."""
+    """The same client reply gives the same ObservedUpdate through a federation's auditor (the exchange the
+    honest-but-curious strategy passes it: the records sent and the records received) and `fedsim attack`."""
     monkeypatch.syspath_prepend(str(OUTSIDE))
     import fedsim_outside
 
+    from fedsim.audit import AuditPlan, Auditor, PoolSettings
     from fedsim.client import client_round
     from fedsim.config import build_threat
     from fedsim.contract import ModelSpec, ServerView, build_attack
     from fedsim.data import load_dataset
     from fedsim.defenses import build_defense
     from fedsim.models import build_model
-    from fedsim.protocol import arrays_to_numpy, reply_content
+    from fedsim.protocol import Exchange, reply_content
+    from fedsim.results import RunDirectory
     from fedsim.single import SingleUpdateJob, run_single
     from fedsim.training import TrainConfig, float_state
-    from strategies.honest_but_curious import UpdateTee
 
     data = load_dataset("cifar10", "test")
     defenses = [build_defense({"name": "share_bn_stats"}), build_defense({"name": "topk", "fraction": 0.5})]
@@ -109,12 +111,25 @@ def test_one_observed_view_for_the_tee_and_the_single_update_path(tmp_path, data
                          server_round=0, client_id=4)  # fedsim attack names a batch's client by its first image
     view = ServerView(ModelSpec("convnet", 10, (3, 32, 32), 4), (data.mean, data.std), threat,
                       tuple(d.tag() for d in defenses))
-    teed, audits = [], []
-    tee = UpdateTee(view, attacked_per_round=1, seed=0, submit=teed.extend, audit=audits.append)
-    sent = arrays_to_numpy(ArrayRecord(global_state))  # the records the server sent and received
-    config = dict(ConfigRecord({**train.to_record(), "server-round": 0}).items())
-    tee.observe_contents(0, sent, config, [reply_content(reply, 4, global_state)])
-    (federated,) = teed
+    plan = AuditPlan(view, ({"name": "outside_spy"},), attacker_seed=1, attacked_per_round=1,
+                     pool=PoolSettings(executor="inline", workers=1))
+    store = RunDirectory(tmp_path / "federated")
+    audits = []
+
+    def ground_truth(ids):  # the evaluator's source of true samples: record what it was asked for
+        audits.append(tuple(ids))
+        return data.unit_tensor(ids), data.labels[ids]
+
+    auditor = Auditor(plan, store, ground_truth)
+    sent = RecordDict({"arrays": ArrayRecord(global_state),  # the records a server sends and receives
+                       "config": ConfigRecord({**train.to_record(), "server-round": 0})})
+    fedsim_outside.SEEN.clear()
+    (teed,) = auditor.observe(0, [Exchange(sent, reply_content(reply, 4, global_state))])
+    auditor.close()
+    store.close()
+    (federated,) = fedsim_outside.SEEN
+    assert teed is federated
+    assert [r["status"] for r in store.leakage.rows] == ["ok"]
 
     assert set(vars(single)) == set(vars(federated))
     for key in ("round", "client_id", "model", "normalization", "train_config", "num_examples", "defenses"):
@@ -137,7 +152,7 @@ def test_one_observed_view_for_the_tee_and_the_single_update_path(tmp_path, data
     mean, var = single.shared["bn_stats"]["features.1"]
     assert np.allclose(mean, h.mean((0, 2, 3)).numpy(), atol=1e-5)
     assert np.allclose(var, h.var((0, 2, 3), unbiased=False).numpy(), atol=1e-5)
-    assert audits[0].sample_ids == (4, 5, 6, 7)
+    assert audits == [(4, 5, 6, 7)]  # the evaluator fetched the client's true samples, and only the evaluator
 
 
 def test_the_attacker_seed_stream_is_not_the_clients():
