@@ -51,3 +51,26 @@ def test_checkpoints_keep_rounds_and_drop_unfinished_ones(tmp_path):
     np.testing.assert_array_equal(store.load(1)["w"], arrays[1]["w"])
     with pytest.raises(FileNotFoundError):
         store.load(2)
+
+
+def test_an_update_kept_in_an_attacks_state_round_trips_like_the_queue(tmp_path):
+    """GIML's task buffer and the cross-round history keep observed updates with the backlog's serialisation:
+    every field, the shared extras included, survives a weights_only save and load."""
+    import torch
+
+    from attacker.history import Kept, pack, unpack
+    from fedsim.training import TrainConfig
+
+    want = observed(4, 2)
+    torch.save(pack(Kept(want, np.array([1, 7]), TrainConfig(lr=0.05, epochs=2))), tmp_path / "kept.pt")
+    got = unpack(torch.load(tmp_path / "kept.pt", weights_only=True))
+    assert got.config == TrainConfig(lr=0.05, epochs=2) and got.labels.tolist() == [1, 7]
+    obs = got.observed
+    for key in ("round", "client_id", "model", "normalization", "train_config", "num_examples", "defenses"):
+        assert getattr(obs, key) == getattr(want, key), key
+    assert obs.shared["labels"] == want.shared["labels"]
+    np.testing.assert_array_equal(obs.shared["bn_stats"]["bn1"][1], want.shared["bn_stats"]["bn1"][1])
+    np.testing.assert_array_equal(obs.update["conv.weight"], want.update["conv.weight"])
+    np.testing.assert_array_equal(obs.global_state["conv.weight"], want.global_state["conv.weight"])
+    with pytest.raises(ValueError, match="earlier fedsim"):
+        unpack({"round": 4, "labels": torch.tensor([1]), "config": {}})
