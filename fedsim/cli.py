@@ -227,8 +227,6 @@ def attack(
                                    "a directory that holds results is refused)."),
 ) -> None:
     """Attack single client updates without a federation (the fast path for research and paper checks)."""
-    import torch
-
     from .config import ClientConfig, build_threat, parse_value
     from .contract import LABEL_METHODS, build_attack
     from .data import load_dataset
@@ -283,6 +281,9 @@ def attack(
                       f"SSIM {ok.ssim_mean.mean():.3f}; label accuracy {ok.label_accuracy.mean():.3f}; "
                       f"{ok.attack_seconds.mean():.1f} s per update")
     console.print(f"results in {output}")
+    failed = frame[frame.status != "ok"]
+    if len(failed):  # rows are kept (the failure is the result), but the command did not do what was asked
+        fail(f"{len(failed)} of {len(frame)} updates failed: {failed.error.iloc[0]}", code=1)
 
 
 @app.command()

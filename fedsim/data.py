@@ -81,6 +81,10 @@ class ImageData:
         batch = self.images[np.asarray(indices, dtype=np.int64)]
         return torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
 
+    def ground_truth(self, indices: list[int]) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Images in [0, 1] and labels at ``indices``: the evaluator's source (fedsim.evaluation.GroundTruth)."""
+        return self.unit_tensor(indices), None if self.labels is None else self.labels[np.asarray(indices)]
+
     def model_input(self, indices: np.ndarray | list[int]) -> torch.Tensor:
         return normalize(self.unit_tensor(indices), self.mean, self.std)
 

@@ -516,9 +516,7 @@ def _continue_from(store: RunDirectory, cfg: ExperimentConfig, resume: bool) -> 
 def open_session(fed: Federation, store: RunDirectory, finished: int, progress: Progress | None = None) -> Session:
     """The run's auditor (attacker pool on the running Ray) and the backlog of a resumed run resubmitted."""
     progress = progress or Progress(fed.cfg.federation.rounds, enabled=False)
-    train = fed.train
-    auditor = Auditor(fed.audit, store, lambda ids: (train.unit_tensor(ids), train.labels[ids]),
-                      on_submit=progress.attacks_submitted, on_row=progress.attack_done)
+    auditor = Auditor(fed.audit, store, fed.train.ground_truth, on_submit=progress.attacks_submitted, on_row=progress.attack_done)
     auditor.resume()  # before new rounds: stateful attacks see rounds in order
     return Session(fed, store, auditor, progress, finished=finished)
 

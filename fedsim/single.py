@@ -119,7 +119,7 @@ def _attack(job: SingleUpdateJob, spec: ModelSpec, model, global_state: dict, at
                              seed=job.seed, server_round=0, client_id=client)
         sent = RecordDict({ARRAYS: sent_arrays, CONFIG: ConfigRecord(cfg.to_record())})
         exchanges.append(Exchange(sent, reply_content(reply, client, global_state)))
-    auditor = Auditor(plan, store, lambda ids: (data.unit_tensor(ids), data.labels[ids]), on_row=rows.append)
+    auditor = Auditor(plan, store, data.ground_truth, on_row=rows.append)
     auditor.observe(0, exchanges)
     auditor.close()
     position = {batch[0]: i for i, batch in enumerate(batches)}

@@ -74,6 +74,12 @@ def test_an_outside_attack_runs_from_the_command_line_with_hand_checked_psnr(tmp
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "level" in bad.stderr, bad.stderr
     unknown = fedsim_cli("attack", "--attack", "outside_mean", "--dataset", str(npz), "--output", str(tmp_path / "x"))
     assert unknown.returncode == 2 and "unknown attack 'outside_mean'" in unknown.stderr  # not installed there
+    # an attack that raises: its rows say why, and the command fails with that one line (not exit 0, no traceback)
+    broken = fedsim_cli("attack", "--attack", "outside_fail", "--dataset", str(npz), "--indices", "0-1",
+                        "--output", str(tmp_path / "fail"), env=env)
+    assert broken.returncode == 1 and "Traceback" not in broken.stderr, broken.stderr
+    assert "2 of 2 updates failed: RuntimeError: deliberate failure in outside_fail" in broken.stderr
+    assert list(pd.read_parquet(tmp_path / "fail" / "leakage.parquet").status) == ["error", "error"]
 
 
 def test_one_observed_view_for_the_tee_and_the_single_update_path(tmp_path, data_dir, monkeypatch):

@@ -78,6 +78,15 @@ class CountingAttack(Attack):
         self._state = {"updates": int(state["updates"]), "rounds": [int(r) for r in state["rounds"]]}
 
 
+class FailingAttack(Attack):
+    """Raises on every call (an attack with a bug): its rows are errors with the reason."""
+
+    name: ClassVar[str] = "outside_fail"
+
+    def reconstruct_many(self, observed, threat, *, device="cpu", seed=0):
+        raise RuntimeError("deliberate failure in outside_fail")
+
+
 class SleepingAttack(Attack):
     """Hangs for ``seconds`` (a stuck attack), then answers like MeanImage."""
 
