@@ -17,7 +17,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from fedsim.contract import Attack, ObservedUpdate, Reconstruction, ThreatModel, build_attack
 from fedsim.data import denormalize
-from fedsim.models import build_model
+from fedsim.models import build_from_spec
 from fedsim.seeds import update_seed
 from fedsim.training import TrainConfig, load_public_state, step_schedule
 
@@ -42,8 +42,7 @@ def attacker_train_config(observed: ObservedUpdate, threat: ThreatModel) -> Trai
 def public_model(observed: ObservedUpdate) -> torch.nn.Module:
     """The model the server sent this round, rebuilt from the public architecture and weights."""
     spec = observed.model
-    model = build_model(spec.name, spec.num_classes, image_size=spec.image_shape[1], width=spec.width,
-                        activation=spec.activation)
+    model = build_from_spec(spec)
     load_public_state(model, {k: torch.from_numpy(np.array(v)) for k, v in observed.global_state.items()})
     return model
 
@@ -323,8 +322,7 @@ class AnalyticRecovery(Attack):
     name: ClassVar[str] = "analytic"
 
     def check(self, model):
-        victim = build_model(model.name, model.num_classes, image_size=model.image_shape[1], width=model.width,
-                             activation=model.activation)
+        victim = build_from_spec(model)
         if not first_layer_is_linear(victim):
             raise ValueError(f"analytic recovery needs a victim whose first layer is fully connected (e.g. mlp), "
                              f"not {model.name}")

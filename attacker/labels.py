@@ -101,8 +101,9 @@ def label_evidence(update: dict[str, np.ndarray], num_classes: int, num_images: 
     """Evidence from a parameter update (new minus old weights) of ``steps`` SGD steps at rate ``lr``."""
     w_key, b_key = last_linear(update, num_classes)
     scale = -1.0 / (lr * steps)
-    weight_grad = scale * torch.as_tensor(update[w_key], dtype=torch.float64)
-    bias_grad = scale * torch.as_tensor(update[b_key], dtype=torch.float64) if b_key else None
+    # np.array copies: arrays that came through Ray's object store are read-only views
+    weight_grad = scale * torch.from_numpy(np.array(update[w_key], dtype=np.float64))
+    bias_grad = scale * torch.from_numpy(np.array(update[b_key], dtype=np.float64)) if b_key else None
     mean_probs, feature_sum = probe() if probe is not None else (None, None)
     return LabelEvidence(weight_grad, bias_grad, num_images, mean_probs, feature_sum)
 

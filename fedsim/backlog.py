@@ -4,14 +4,13 @@
 initial model), written before the round's row, so a row always has its checkpoint.
 
 ``UpdateQueue``: every observed update is written to ``queue/round_NNN/observed_C.pt`` the moment the server tees
-it, and its audit record (the evaluator's ground-truth ids) beside it as ``audit_C.json``, so a backlog of attacks
+it, and its audit record (the evaluator's ground truth: sample ids or recorded images) beside it as ``audit_C.pt``, so a backlog of attacks
 survives the driver. A round's folder is removed once every configured attack has a row for every update of the
 round. Files are tensors and primitives only (loaded with ``weights_only=True``) and are swapped in atomically.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -64,7 +63,13 @@ def observed_from_record(record: dict) -> ObservedUpdate:
     fields = {k: _walk(v, _array_leaf) for k, v in record.items() if k != "model"}
     spec = dict(record["model"])
     spec["image_shape"] = tuple(spec["image_shape"])
+    spec["args"] = tuple(tuple(pair) for pair in spec.get("args", ()))
     return ObservedUpdate(model=ModelSpec(**spec), **fields)
+
+
+def audit_from_record(record: dict) -> AuditRecord:
+    raw = _walk(record, _array_leaf)
+    return AuditRecord(**{**raw, "sample_ids": tuple(raw["sample_ids"]), "step_ids": tuple(raw["step_ids"])})
 
 
 class ModelCheckpoints:
@@ -107,10 +112,7 @@ class UpdateQueue:
     def put_audit(self, audit: AuditRecord) -> None:
         folder = self._dir(audit.round)
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"audit_{audit.client_id}.json"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(audit)))
-        os.replace(tmp, path)
+        _save_atomic(_walk(asdict(audit), _tensor_leaf), folder / f"audit_{audit.client_id}.pt")
 
     def rounds(self) -> list[int]:
         return sorted(int(m.group(1)) for p in self.root.iterdir() if p.is_dir() and (m := ROUND_DIR.search(p.name)))
@@ -120,12 +122,8 @@ class UpdateQueue:
         return [observed_from_record(torch.load(p, map_location="cpu", weights_only=True)) for p in files]
 
     def audits(self, server_round: int) -> list[AuditRecord]:
-        out = []
-        for path in sorted(self._dir(server_round).glob("audit_*.json")):
-            raw = json.loads(path.read_text())
-            out.append(AuditRecord(round=raw["round"], client_id=raw["client_id"],
-                                   sample_ids=tuple(raw["sample_ids"]), step_ids=tuple(raw["step_ids"])))
-        return out
+        return [audit_from_record(torch.load(p, map_location="cpu", weights_only=True))
+                for p in sorted(self._dir(server_round).glob("audit_*.pt"))]
 
     def drop(self, server_round: int) -> None:
         shutil.rmtree(self._dir(server_round), ignore_errors=True)

@@ -22,13 +22,19 @@ from .registry import PluginRegistry, build_from_spec
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The public architecture (the server built it, so it knows it)."""
+    """The public architecture (the server built it, so it knows it); :func:`fedsim.models.build_from_spec` is the
+    one place a model is built from it.
+
+    ``name`` is a registered victim (``convnet``) or the import path of a user's ``nn.Module`` class or factory
+    (``"myapp.task:Net"``, called with ``args``: an audited Flower app's own model).
+    """
 
     name: str
     num_classes: int
     image_shape: tuple[int, int, int]  # (C, H, W)
     width: int = 64
     activation: str = "default"  # "sigmoid": the victim's ReLUs are Sigmoids (fedsim.models.use_sigmoid)
+    args: tuple[tuple[str, object], ...] = ()  # keyword arguments of an imported model factory
 
 
 @dataclass(frozen=True)
@@ -74,12 +80,23 @@ class ObservedUpdate:
 
 @dataclass(frozen=True)
 class AuditRecord:
-    """Which samples a client used, in step order. Only the evaluator may read it."""
+    """Which samples a client used, in step order. Only the evaluator may read it.
+
+    fedsim's own clients name samples of the run's dataset by id (the evaluator fetches them). A client of an
+    audited Flower app records the batches themselves (``fedsim.audit.record_batch``): then ``images`` (in [0, 1])
+    and ``labels`` hold its distinct samples and the ids index them. No ids at all: nothing was recorded.
+    """
 
     round: int
     client_id: int
     sample_ids: tuple[int, ...]  # the round's local samples
     step_ids: tuple[int, ...] = ()  # sample ids in the order the local steps consumed them
+    images: np.ndarray | None = field(default=None, compare=False)  # recorded samples (N, C, H, W) in [0, 1]
+    labels: np.ndarray | None = field(default=None, compare=False)
+
+    @property
+    def recorded(self) -> bool:
+        return bool(self.sample_ids)
 
 
 @dataclass(frozen=True)
@@ -160,7 +177,7 @@ class LeakageRecord:
     prior_meta_steps: int = 0  # and how many meta-steps it had taken
     iterations: int = 0
     restarts: int = 0
-    status: str = "ok"
+    status: str = "ok"  # ok | error | no ground truth (scored only by update fit: nothing was recorded)
     error: str = ""
 
 
@@ -219,3 +236,14 @@ def build_attack(spec: dict) -> Attack:
     """Construct an attack from ``{"name": ..., **params}``; raises ValueError naming the bad key."""
     return build_from_spec(ATTACKS, spec, "attack")
 
+
+def check_attacks(specs, model: ModelSpec, threat: ThreatModel) -> None:
+    """Every attack spec builds and fits the victim and the threat model, or one ValueError ``attacks.<i>: ...``
+    (before any work starts)."""
+    for i, spec in enumerate(specs):
+        try:
+            built = build_attack(spec)
+            built.check(model)
+            built.check_threat(threat)
+        except ValueError as err:
+            raise ValueError(f"attacks.{i}: {err}") from None

@@ -20,6 +20,7 @@ from .contract import AuditRecord, LeakageRecord, ObservedUpdate, Reconstruction
 from .metrics import label_accuracy, score
 from .results import batch_file_name, save_batch
 
+NO_GROUND_TRUTH = "no ground truth"  # row status: scored by update fit only (the client recorded no batches)
 GroundTruth = Callable[[list[int]], tuple[torch.Tensor, np.ndarray | None]]
 
 
@@ -52,23 +53,21 @@ class LeakageEvaluator:
                 raise outcome
             with self._lock:
                 audit = self._audits[(observed.round, observed.client_id)]
-            gt_images, gt_labels = self.ground_truth(list(audit.sample_ids))
+            self._describe(row, outcome)
+            if not audit.recorded:  # a Flower app's client that recorded no batches: update fit only
+                row.status = NO_GROUND_TRUTH
+                return self._emit(row)
+            if audit.images is not None:
+                gt_images, gt_labels = torch.from_numpy(audit.images), audit.labels
+            else:
+                gt_images, gt_labels = self.ground_truth(list(audit.sample_ids))
             rec_images = torch.from_numpy(np.array(outcome.images, dtype=np.float32))
             scores = score(rec_images, gt_images, outcome.labels, gt_labels)
             for key, value in scores.summary().items():
                 setattr(row, key, value)
-            row.label_method = outcome.label_method
-            for key in ("update_l2", "update_sign_agreement", "update_cosine_distance", "prior_round",
-                        "prior_meta_steps"):
-                if key in outcome.extra:
-                    setattr(row, key, outcome.extra[key])
             for method, labels in outcome.extra.get("label_candidates", {}).items():
                 if hasattr(row, f"label_acc_{method}"):
                     setattr(row, f"label_acc_{method}", label_accuracy(np.asarray(labels), gt_labels))
-            row.matching_loss = outcome.loss
-            row.attack_seconds = outcome.seconds
-            row.iterations = outcome.iterations
-            row.restarts = outcome.restarts
             matched = rec_images[torch.from_numpy(scores.order)]
             self._update_grid(observed, attack, gt_images, matched)
             self._keep_batch(observed, attack, gt_images, gt_labels, matched,
@@ -76,6 +75,22 @@ class LeakageEvaluator:
         except Exception as err:  # noqa: BLE001 - any failure becomes an error row; the run goes on
             row.status = "error"
             row.error = f"{type(err).__name__}: {err}"[:500]
+        return self._emit(row)
+
+    @staticmethod
+    def _describe(row: LeakageRecord, outcome: Reconstruction) -> None:
+        """What needs no ground truth: how the attack ran and how well its reconstruction fits the update."""
+        row.label_method = outcome.label_method
+        for key in ("update_l2", "update_sign_agreement", "update_cosine_distance", "prior_round",
+                    "prior_meta_steps"):
+            if key in outcome.extra:
+                setattr(row, key, outcome.extra[key])
+        row.matching_loss = outcome.loss
+        row.attack_seconds = outcome.seconds
+        row.iterations = outcome.iterations
+        row.restarts = outcome.restarts
+
+    def _emit(self, row: LeakageRecord) -> LeakageRecord:
         self.sink(row)
         if self.on_row:
             self.on_row(row)

@@ -6,7 +6,6 @@ pass to it by closure. Client actors are separate processes: each loads its data
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -35,13 +34,13 @@ from .audit import AuditPlan, Auditor, PoolSettings
 from .checks import check_device, check_resources
 from .client import choose_samples, client_round
 from .config import ConfigError, ExperimentConfig, resume_conflict
-from .contract import LeakageRecord, ModelSpec, ServerView, ThreatModel, build_attack
+from .contract import LeakageRecord, ModelSpec, ServerView, ThreatModel, check_attacks
 from .data import DataError, ImageData, load_dataset, partition_indices
 from .defenses import build_defense
 from .models import build_model
 from .privacy import PrivacyLedger
 from .protocol import ARRAYS, CONFIG, METRICS, reply_content
-from .results import RunDirectory
+from .results import RunDirectory, model_checksum
 from .seeds import attacker_root
 from .training import TrainConfig, evaluate_accuracy, float_state, load_public_state
 
@@ -175,14 +174,7 @@ def _check_before_start(fed: Federation) -> None:
                         client_cpus=cfg.ray.client_cpus, client_gpus=cfg.ray.client_gpus,
                         attacker_gpus=attacker_gpus(cfg) if cfg.attacks else 0.0,
                         attacker_resources=cfg.attack.resources if cfg.attacks else None)
-    threat = fed.audit.view.threat
-    for i, attack in enumerate(cfg.attacks):
-        try:
-            built = build_attack(attack)
-            built.check(spec)
-            built.check_threat(threat)
-        except ValueError as err:
-            raise ValueError(f"attacks.{i}: {err}") from None
+    check_attacks(cfg.attacks, spec, fed.audit.view.threat)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -264,14 +256,6 @@ def make_client_app(side_of: Callable[[Context], ClientSide]) -> ClientApp:
 
 # ------------------------------------------------------------------------------------------------------------
 # ServerApp
-
-
-def checksum(arrays: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(arrays):
-        h.update(key.encode())
-        h.update(np.ascontiguousarray(arrays[key]).tobytes())
-    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -372,8 +356,8 @@ def _server_main(grid: Grid, session: Session) -> None:
     strategy = ReproducibleSampling(inner, partition_of, cfg.federation.clients_per_round, cfg.seed,
                                     fail_on_client_error=cfg.federation.on_client_error == "stop",
                                     on_failure=client_failed, poisson=cfg.federation.sampling == "poisson")
-    if session.auditor.pool is not None:
-        strategy = HonestButCurious(strategy, session.auditor.observe)  # it sees replies exactly as they arrive
+    # it sees replies exactly as they arrive, and takes the evaluator's side channel off them
+    strategy = HonestButCurious(strategy, session.auditor.observe)
     if cfg.threat.secure_aggregation:  # outermost: inside it, the tee and FedAvg see only the round's aggregate
         strategy = SecureAggregation(strategy, partition_of)
 
@@ -394,7 +378,7 @@ def _server_main(grid: Grid, session: Session) -> None:
         load_public_state(model, {k: torch.from_numpy(v.copy()) for k, v in numpy_arrays.items()})
         acc, loss = evaluate_accuracy(model, fed.test_inputs, fed.test_labels)
         session.store.rounds.append({"round": server_round, "test_accuracy": acc, "test_loss": loss,
-                                     "model_checksum": checksum(numpy_arrays),
+                                     "model_checksum": model_checksum(numpy_arrays),
                                      "epsilon": ledger.epsilon() if ledger is not None else math.nan,
                                      "time": time.time()})
         if session.progress is not None:

@@ -194,6 +194,30 @@ def use_sigmoid(model: nn.Module) -> nn.Module:
     return model
 
 
+def import_object(path: str, what: str = "model"):
+    """The object an import path ``"package.module:attribute"`` names; a one-line ValueError if it cannot be had."""
+    from importlib import import_module
+
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"{what} {path!r}: expected an import path 'package.module:Name'")
+    try:
+        obj = import_module(module_name)
+    except Exception as err:  # noqa: BLE001 - any import failure is the user's path: say which
+        raise ValueError(f"{what} {path!r}: cannot import {module_name} ({type(err).__name__}: {err})".splitlines()[0]) from None
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{what} {path!r}: {module_name} has no attribute {attribute!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{what} {path!r}: {attribute} is not a class or function")
+    return obj
+
+
+def is_import_path(name: str) -> bool:
+    return ":" in name
+
+
 def build_model(
     name: str,
     num_classes: int,
@@ -204,15 +228,21 @@ def build_model(
     checkpoint: str | Path | None = None,
     activation: str = "default",
     checkpoint_key: str = "model.checkpoint",
+    args: dict | None = None,
 ) -> nn.Module:
     """Build a registered victim with seeded init, optionally loading a checkpoint (tensors only).
-    ``activation="sigmoid"`` swaps its ReLUs for Sigmoids."""
-    factory = lookup(MODELS, name, "model")
+    ``activation="sigmoid"`` swaps its ReLUs for Sigmoids. A ``name`` with a colon is the import path of a user's
+    model class or factory, called with ``args`` alone (it knows its own classes and sizes)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; use one of {ACTIVATIONS}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = factory(num_classes=num_classes, image_size=image_size, width=width)
+        if is_import_path(name):
+            model = import_object(name)(**(args or {}))
+            if not isinstance(model, nn.Module):
+                raise ValueError(f"model {name!r} returned a {type(model).__name__}, not a torch.nn.Module")
+        else:
+            model = lookup(MODELS, name, "model")(num_classes=num_classes, image_size=image_size, width=width)
     if activation == "sigmoid":
         use_sigmoid(model)
     if checkpoint:
@@ -220,6 +250,13 @@ def build_model(
 
         load_into(model, load_state_dict_file(checkpoint, checkpoint_key), checkpoint, name, checkpoint_key)
     return model
+
+
+def build_from_spec(spec) -> nn.Module:
+    """The victim a :class:`fedsim.contract.ModelSpec` describes (the attacker's one way to rebuild the public
+    model; weights are loaded afterwards)."""
+    return build_model(spec.name, spec.num_classes, image_size=spec.image_shape[1], width=spec.width,
+                       activation=spec.activation, args=dict(spec.args))
 
 
 def count_parameters(model: nn.Module) -> int:

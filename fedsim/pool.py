@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -68,7 +69,10 @@ class AttackWorker:
     """Holds one instance of every configured attack and runs the ones it owns on batches of observed updates."""
 
     def __init__(self, attack_specs: list[dict], threat: ThreatModel, device: str = "cpu", threads: int = 1,
-                 seed_root: int = 0, state_dir: str | None = None, worker_index: int = 0, learn: bool = True) -> None:
+                 seed_root: int = 0, state_dir: str | None = None, worker_index: int = 0, learn: bool = True,
+                 python_path: tuple[str, ...] = ()) -> None:
+        # An audited Flower app's model is imported by path: its source tree must be importable in this process
+        sys.path[:0] = [p for p in python_path if p not in sys.path]
         torch.set_num_threads(threads)
         self.learn = learn  # end_round after each round (a one-off attack, fedsim attack, has no next round)
         self.attacks: list[Attack] = [build_attack(spec) for spec in attack_specs]
@@ -170,7 +174,8 @@ class AttackerPool:
                  gpus_per_worker: float | None = None, state_dir: str | Path | None = None,
                  on_submit: Callable[[int], None] | None = None, done: set[tuple[int, int, str]] | None = None,
                  on_round_done: Callable[[int], None] | None = None,
-                 resources: dict[str, float] | None = None, timeout: float | None = None, learn: bool = True) -> None:
+                 resources: dict[str, float] | None = None, timeout: float | None = None, learn: bool = True,
+                 python_path: tuple[str, ...] = ()) -> None:
         self.record = record
         self.executor = executor
         self.timeout = timeout  # seconds one call may run (ray executor); past it: error rows, the actor restarts
@@ -184,7 +189,7 @@ class AttackerPool:
         self._errors: list[BaseException] = []
         state = str(state_dir) if state_dir is not None else None
         if executor == "inline":
-            self._inline = AttackWorker(attack_specs, threat, device, threads, seed_root, state, 0, learn)
+            self._inline = AttackWorker(attack_specs, threat, device, threads, seed_root, state, 0, learn, python_path)
             self.workers = 1
             return
         if executor != "ray":
@@ -200,7 +205,7 @@ class AttackerPool:
         remote = ray.remote(num_cpus=0, num_gpus=gpus_per_worker, resources=dict(resources or {}),
                             max_restarts=-1, max_task_retries=0)(AttackWorker)
         self.workers = workers
-        self._actors = [remote.remote(attack_specs, threat, device, threads, seed_root, state, w, learn)
+        self._actors = [remote.remote(attack_specs, threat, device, threads, seed_root, state, w, learn, python_path)
                         for w in range(workers)]
         self._pending: dict = {}  # ObjectRef -> _Task
         self._seq = 0

@@ -371,14 +371,35 @@ def run_summary_table(run: RunData) -> list[list[str]]:
                      f"{_format(psnr.mean())} ± {_format(psnr.std(ddof=0))}" if len(psnr) else "–",
                      _format(ok.psnr_best.mean()), _format(ssim.mean(), 3), _format(lpips.mean(), 3),
                      _format(ok.label_accuracy.mean(), 3), _format(ok.attack_seconds.mean(), 1),
-                     str(int((group.status != "ok").sum()))])
+                     str(int((group.status == "error").sum()))])
     return rows
+
+
+def audit_facts(c: dict) -> list[tuple[str, str]]:
+    """An audited Flower app's run (``fedsim.audit``): what the audit file declared."""
+    recipe, data, threat = c.get("recipe", {}), c.get("data", {}), c.get("threat", {})
+    rc = c.get("run_config", {})
+    privacy = rc.get("privacy")
+    return [("app", f"a Flower app audited by {c.get('audit_file')} (Flower run {c.get('run_id')})"),
+            ("model", f"{c.get('model')}" + (f" {c['model_args']}" if c.get("model_args") else "")),
+            ("data", f"recorded by the clients; inputs {data.get('shape')} normalised with mean {data.get('mean')}, "
+                     f"std {data.get('std')}"),
+            ("recipe", ", ".join(f"{k} {v}" for k, v in recipe.items() if k in ("mode", "lr", "local_epochs",
+                                                                                  "batch_size", "optimizer"))),
+            *([("privacy", f"run config privacy = {privacy}")] if privacy else []),
+            ("attacks", ", ".join(_spec_text(a, keep=("iterations", "restarts", "prior"))
+                                  for a in c.get("attacks", [])) or "none"),
+            ("attacked", f"{c.get('attacked_per_round')} replies per round"
+                         + (f", rounds {c['rounds']}" if c.get("rounds") else "")),
+            ("threat model", f"labels {threat.get('labels')}")]
 
 
 def run_facts(run: RunData) -> list[tuple[str, str]]:
     c = run.config
     if not c:
         return []
+    if c.get("command") == "fedsim audit":
+        return audit_facts(c) + utility_facts(run, "the app's evaluate_fn")
     fed, client, data, model, threat = (c.get(k, {}) for k in ("federation", "client", "data", "model", "threat"))
     defenses = ", ".join(_spec_text(d) for d in c.get("defenses", [])) or "none"
     attacks = ", ".join(_spec_text(a, keep=("iterations", "restarts", "prior")) for a in c.get("attacks", []))
@@ -406,14 +427,21 @@ def run_facts(run: RunData) -> list[tuple[str, str]]:
         last = run.rounds.sort_values("round").iloc[-1]
         facts.append(("privacy", f"ε = {float(last.epsilon):.3g} after round {int(last['round'])} "
                                  f"(δ = {c.get('privacy', {}).get('delta', 1e-5):g}, Opacus RDP accountant)"))
-    if len(run.rounds):
-        from .sweep import utility
+    return facts + utility_facts(run)
 
-        r = run.rounds.sort_values("round")
-        facts.append(("utility", f"test accuracy {float(r.test_accuracy.iloc[0]):.3f} (round 0) → "
-                                 f"{float(r.test_accuracy.iloc[-1]):.3f} (round {int(r['round'].iloc[-1])}); "
-                                 f"{utility(r):.3f} mean over the last tenth of the rounds"))
-    return facts
+
+def utility_facts(run: RunData, source: str | None = None) -> list[tuple[str, str]]:
+    """The global model's test accuracy from round 0 to the last (``source``: where it comes from; default: the
+    mean over the last tenth of the rounds too)."""
+    if not len(run.rounds):
+        return []
+    from .sweep import utility
+
+    r = run.rounds.sort_values("round")
+    text = (f"test accuracy {float(r.test_accuracy.iloc[0]):.3f} (round 0) → "
+            f"{float(r.test_accuracy.iloc[-1]):.3f} (round {int(r['round'].iloc[-1])})")
+    text += f", {source}" if source else f"; {utility(r):.3f} mean over the last tenth of the rounds"
+    return [("utility", text)]
 
 
 def _index_text(indices: list[int]) -> str:
@@ -542,7 +570,7 @@ def run_context(run: RunData) -> dict:
     return {"facts": run_facts(run), "summary": run_summary_table(run), "leakage_plot": leakage_figure(run),
             "utility_plot": utility_figure(run), "batches": batch_views(run), "prior": prior_views(run),
             "failures": run.failures.to_dict("records") if len(run.failures) else [],
-            "errors": run.leakage[run.leakage.status != "ok"].reindex(columns=["round", "client_id", "attack",
+            "errors": run.leakage[run.leakage.status == "error"].reindex(columns=["round", "client_id", "attack",
                                                                                "error"]).to_dict("records")
             if len(run.leakage) else [],
             "config": config_text(run.config)}

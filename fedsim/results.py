@@ -6,6 +6,8 @@ run killed at any moment leaves a readable table with every row finished before 
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 import os
 import re
@@ -231,6 +233,15 @@ def save_grid(path: Path, originals: torch.Tensor | None, rows: list[torch.Tenso
 
 # ------------------------------------------------------------------------------------------------------------
 # Attacked batches as the evaluator keeps them, and reading a run directory back (fedsim report, sweeps)
+
+
+def model_checksum(arrays: dict[str, np.ndarray]) -> str:
+    """A short digest of a global model (the ``model_checksum`` column of rounds.parquet): keys and bytes."""
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(arrays[key]).tobytes())
+    return h.hexdigest()[:16]
 
 
 def batch_file_name(round_: int, client_id: int, attack: str) -> str:

@@ -33,8 +33,16 @@ class TrainConfig:
 
     @classmethod
     def from_record(cls, record: dict) -> "TrainConfig":
+        """The config from a record with every field and no other key (Flower's ``server-round`` aside): a silently
+        defaulted field would make a client and the attacker's simulation of it train differently."""
         fields = cls.__dataclass_fields__
-        return cls(**{k: record[k] for k in fields if k in record})
+        unknown = sorted(set(record) - set(fields) - {"server-round"})
+        missing = sorted(set(fields) - set(record))
+        if unknown or missing:
+            raise ValueError(f"train config: {'unknown key ' + repr(unknown[0]) if unknown else ''}"
+                             f"{'; ' if unknown and missing else ''}"
+                             f"{'missing key ' + repr(missing[0]) if missing else ''}")
+        return cls(**{k: record[k] for k in fields})
 
 
 def step_schedule(cfg: TrainConfig, rng: np.random.Generator | None = None) -> list[np.ndarray]:

@@ -5,7 +5,8 @@ Wrap it outermost (server-side wrappers such as DP clipping modify replies befor
 a curious server sees them raw). It keeps the records it sent each node in ``configure_train`` (``aggregate_train``
 is not given them) and, before the inner strategy aggregates, passes every successful reply with what was sent to
 that node to ``observe(round, exchanges)`` (a :meth:`fedsim.audit.Auditor.observe`), which decides what the server
-learns from them. The inner strategy receives the replies untouched.
+learns from them. The inner strategy then receives the replies as they would be without the audit: the evaluator's
+side channel (``fedsim.audit``, see :mod:`fedsim.protocol`) removed, every other record the very object that arrived.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsim.protocol import Exchange
+from fedsim.protocol import SIDE, Exchange, without_side
 
 from .wrapper import Wrapper
 
@@ -53,4 +54,7 @@ class HonestButCurious(Wrapper):
                 continue
             exchanges.append(Exchange(sent[node], msg.content))
         self.observe(server_round, exchanges)
+        for msg in replies:
+            if not msg.has_error() and SIDE in msg.content:
+                msg.content = without_side(msg.content)
         return self.inner.aggregate_train(server_round, replies)

@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from fedsim.protocol import ARRAYS, AUDIT, METRICS, SHARED
+from fedsim.protocol import ARRAYS, METRICS, NUM_EXAMPLES, SHARED, SIDE, merged_side
 
 from .wrapper import Wrapper
 
@@ -35,16 +35,13 @@ class SecureAggregation(Wrapper):
 
     def aggregate_content(self, contents: list[RecordDict]) -> RecordDict:
         """One reply's records for the round: weighted mean arrays, total examples, merged audit, nothing shared."""
-        arrays = aggregate_arrayrecords(contents, "num-examples")
-        counts = [int(c[METRICS]["num-examples"]) for c in contents]
+        arrays = aggregate_arrayrecords(contents, NUM_EXAMPLES)
+        counts = [int(c[METRICS][NUM_EXAMPLES]) for c in contents]
         total = sum(counts)
         loss = sum(float(c[METRICS]["train-loss"]) * n for c, n in zip(contents, counts)) / total
-        samples = [int(i) for c in contents for i in c[AUDIT]["sample-ids"]]
-        steps = [int(i) for c in contents for i in c[AUDIT]["step-ids"]]
         return RecordDict({ARRAYS: arrays, SHARED: ConfigRecord(),
-                           METRICS: MetricRecord({"num-examples": total, "train-loss": loss,
-                                                  "partition-id": AGGREGATE_ID}),
-                           AUDIT: ConfigRecord({"sample-ids": samples, "step-ids": steps})})
+                           METRICS: MetricRecord({NUM_EXAMPLES: total, "train-loss": loss}),
+                           SIDE: merged_side(contents, AGGREGATE_ID)})
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)

@@ -37,6 +37,14 @@ def test_an_observed_update_and_its_audit_round_trip_exactly(tmp_path):
         np.testing.assert_array_equal(got.global_state["conv.weight"], want.global_state["conv.weight"])
         np.testing.assert_array_equal(got.shared["bn_stats"]["bn1"][1], want.shared["bn_stats"]["bn1"][1])
     assert queue.audits(3)[0] == AuditRecord(3, 0, (10, 11, 12, 13), (11, 10, 13, 12))
+    # a Flower app's client records its batches: the images travel with the audit (and only with it)
+    images = np.random.default_rng(0).random((2, 3, 4, 4), dtype=np.float32)
+    queue.put_audit(AuditRecord(3, 7, (0, 1), (1, 0, 1), images=images, labels=np.array([4, 2])))
+    recorded = queue.audits(3)[-1]
+    assert recorded == AuditRecord(3, 7, (0, 1), (1, 0, 1)) and recorded.recorded
+    np.testing.assert_array_equal(recorded.images, images)
+    np.testing.assert_array_equal(recorded.labels, [4, 2])
+    assert queue.audits(3)[0].images is None
     queue.drop(3)
     assert queue.rounds() == []
 

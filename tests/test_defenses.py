@@ -224,7 +224,7 @@ def test_secure_aggregation_is_the_example_weighted_mean_for_unequal_counts():
     hand sum in float64, with the total count, the count-weighted loss and the union of the samples."""
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-    from fedsim.protocol import ARRAYS, AUDIT, METRICS, SHARED
+    from fedsim.protocol import ARRAYS, METRICS, SHARED, SIDE, read_side
     from flwr.serverapp.strategy import FedAvg
 
     from strategies.secure_aggregation import AGGREGATE_ID, SecureAggregation
@@ -234,9 +234,10 @@ def test_secure_aggregation_is_the_example_weighted_mean_for_unequal_counts():
     weights = [{"w": rng.normal(size=(4, 5)).astype(np.float32), "b": rng.normal(size=3).astype(np.float32)}
                for _ in counts]
     contents = [RecordDict({ARRAYS: ArrayRecord({k: torch.from_numpy(v.copy()) for k, v in w.items()}),
-                            METRICS: MetricRecord({"num-examples": n, "train-loss": loss, "partition-id": i}),
+                            METRICS: MetricRecord({"num-examples": n, "train-loss": loss}),
                             SHARED: ConfigRecord(),
-                            AUDIT: ConfigRecord({"sample-ids": list(range(10 * i, 10 * i + n)), "step-ids": []})})
+                            SIDE: ConfigRecord({"partition-id": i, "sample-ids": list(range(10 * i, 10 * i + n)),
+                                                "step-ids": []})})
                 for i, (w, n, loss) in enumerate(zip(weights, counts, losses))]
     out = SecureAggregation(FedAvg(), {}).aggregate_content(contents)
     for key in ("w", "b"):
@@ -244,6 +245,8 @@ def test_secure_aggregation_is_the_example_weighted_mean_for_unequal_counts():
         np.testing.assert_allclose(out[ARRAYS][key].numpy(), hand, rtol=1e-6, atol=1e-7)
         assert not np.allclose(out[ARRAYS][key].numpy(), np.mean([w[key] for w in weights], axis=0), atol=1e-3)
     metrics = out[METRICS]
-    assert metrics["num-examples"] == 10 and metrics["partition-id"] == AGGREGATE_ID
+    assert metrics["num-examples"] == 10 and set(metrics) == {"num-examples", "train-loss"}
     assert metrics["train-loss"] == pytest.approx((0.5 * 1 + 1.0 * 3 + 2.0 * 6) / 10)
-    assert list(out[AUDIT]["sample-ids"]) == [0, 10, 11, 12, 20, 21, 22, 23, 24, 25]
+    audit = read_side(out, 1)
+    assert audit.client_id == AGGREGATE_ID
+    assert audit.sample_ids == (0, 10, 11, 12, 20, 21, 22, 23, 24, 25)

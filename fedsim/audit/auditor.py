@@ -18,13 +18,14 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from ..contract import LeakageRecord, ObservedUpdate, ServerView
 from ..evaluation import GroundTruth, LeakageEvaluator
 from ..pool import AttackerPool
-from ..protocol import ARRAYS, CONFIG, Exchange, arrays_to_numpy, read_audit, read_reply
+from ..protocol import Exchange, RecordKeys, ReplyError, arrays_to_numpy, read_reply, read_side
 from ..results import RunDirectory
 
 log = logging.getLogger("fedsim")
@@ -41,6 +42,15 @@ class PoolSettings:
     gpus_per_worker: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per worker
     timeout: float | None = None  # seconds one attack call may run (ray executor)
+    python_path: tuple[str, ...] = ()  # prepended to the workers' sys.path (an audited app's source tree)
+
+
+class Recipe(Protocol):
+    """What the server knows of a client's training, for a client that is not told its config in fedsim's own
+    terms (a user's Flower app: :class:`fedsim.audit.app.DeclaredRecipe`)."""
+
+    def train_config(self, sent: dict, num_examples: int) -> dict:
+        """The :class:`fedsim.training.TrainConfig` record of one reply, from the config the server sent it."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,8 @@ class AuditPlan:
     attacker_seed: the attacker's root seed (fedsim.seeds.attacker_root).
     learn: stateful attacks learn after each round (end_round); False for a one-off attack with no next round.
     backlog: keep every observed update on disk until it has its rows (what ``--resume`` attacks).
+    keys: where the messages keep the model, the config and the example count.
+    recipe: how the client trains (None: the config sent is fedsim's own train config, which says it).
     """
 
     view: ServerView
@@ -66,6 +78,11 @@ class AuditPlan:
     pool: PoolSettings = field(default_factory=PoolSettings)
     learn: bool = True
     backlog: bool = True
+    keys: RecordKeys = RecordKeys()
+    recipe: Recipe | None = None
+
+    def train_config(self, sent: dict, num_examples: int) -> dict:
+        return sent if self.recipe is None else self.recipe.train_config(sent, num_examples)
 
     def attacks_round(self, server_round: int) -> bool:
         return bool(self.attacks) and self.attacked_per_round != 0 and (
@@ -91,6 +108,7 @@ class Auditor:
                  on_submit: Callable[[int], None] | None = None,
                  on_row: Callable[[LeakageRecord], None] | None = None) -> None:
         self.plan, self.store = plan, store
+        self._warned: set[str] = set()
         backlog = store.queue if plan.backlog else None
         self.evaluator = LeakageEvaluator(ground_truth, store.leakage.append, grid_dir=store.root / "grids",
                                           on_row=on_row, on_audit=backlog.put_audit if backlog else None,
@@ -105,7 +123,7 @@ class Auditor:
                                  seed_root=plan.attacker_seed, gpus_per_worker=p.gpus_per_worker,
                                  resources=p.resources, timeout=p.timeout, state_dir=store.attacker,
                                  on_submit=on_submit, done=done, learn=plan.learn,
-                                 on_round_done=backlog.drop if backlog else None)
+                                 on_round_done=backlog.drop if backlog else None, python_path=p.python_path)
         if p.executor == "ray":
             threading.Thread(target=self._record_placement, name="attacker-placement", daemon=True).start()
 
@@ -119,19 +137,30 @@ class Auditor:
     # -- a round ----------------------------------------------------------------------------------------------
     def observe(self, server_round: int, exchanges: Sequence[Exchange]) -> list[ObservedUpdate]:
         """A round's successful train exchanges -> the attacked ones' observed updates (queued on disk, then
-        submitted to the attacker) and their audit records (to the evaluator). Returns what was submitted."""
+        submitted to the attacker) and their audit records (to the evaluator). Returns what was submitted.
+
+        A reply the audit cannot read (no side channel, another arrays key) is not audited, with one warning per
+        kind of problem; the federation is not the auditor's to stop."""
         if self.pool is None or not exchanges or not self.plan.attacks_round(server_round):
             return []
+        keys = self.plan.keys
         decoded: dict[int, dict] = {}  # one decode per distinct sent model (usually one a round, shared by all)
         seen = []
         for exchange in exchanges:
-            arrays = exchange.sent[ARRAYS]
-            if id(arrays) not in decoded:
-                decoded[id(arrays)] = arrays_to_numpy(arrays)
-            global_state = decoded[id(arrays)]
-            config = dict(exchange.sent[CONFIG].items())
-            observed = self.plan.view.observe(server_round, global_state, config, read_reply(exchange.reply))
-            seen.append((observed, read_audit(exchange.reply, server_round)))
+            try:
+                arrays = exchange.sent[keys.arrays]
+                if id(arrays) not in decoded:  # integer buffers (BatchNorm's counters) are no weights to invert
+                    decoded[id(arrays)] = {k: v for k, v in arrays_to_numpy(arrays).items()
+                                           if np.issubdtype(v.dtype, np.floating)}
+                reply = read_reply(exchange.reply, keys)
+                missing = sorted(set(decoded[id(arrays)]) - set(reply.arrays))
+                if missing:
+                    raise ReplyError(f"the reply's arrays lack {missing[:3]} of the model sent")
+                config = self.plan.train_config(dict(exchange.sent[keys.config].items()), reply.num_examples)
+                observed = self.plan.view.observe(server_round, decoded[id(arrays)], config, reply)
+                seen.append((observed, read_side(exchange.reply, server_round, self.plan.view.normalization)))
+            except ReplyError as err:
+                self.warn_once(f"round {server_round}: a reply was not audited: {err}")
         chosen = self.plan.choose(server_round, [o.client_id for o, _ in seen])
         attacked = sorted(((o, a) for o, a in seen if o.client_id in chosen), key=lambda pair: pair[0].client_id)
         for observed, audit in attacked:
@@ -141,6 +170,13 @@ class Auditor:
         submitted = [o for o, _ in attacked]
         self.pool.submit(submitted)
         return submitted
+
+    def warn_once(self, message: str) -> None:
+        """One warning per kind of problem (its text without the round), not one per reply and round."""
+        kind = message.split(": ", 1)[-1]
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.warning("fedsim audit: %s", message)
 
     def resume(self) -> int:
         """A resumed run: attack again every queued update that still misses a row, round by round (stateful

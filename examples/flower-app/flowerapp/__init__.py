@@ -1,0 +1,1 @@
+"""A Flower PyTorch app on CIFAR-10, audited by fedsim."""
