@@ -32,11 +32,11 @@ APP = ROOT / "examples" / "flower-app"
 # (label, run config of the app's privacy option)
 SETTINGS = [
     ("no defense", "privacy='none'"),
-    ("server-side fixed clipping (C=0.1, z=1.0)", "privacy='server-fixed-clipping' clipping-norm=0.1 noise-multiplier=1.0"),
-    ("client-side fixed clipping (C=0.1, z=1.0)", "privacy='client-fixed-clipping' clipping-norm=0.1 noise-multiplier=1.0"),
-    ("LocalDpMod (C=0.1, eps=100)", "privacy='local-dp' clipping-norm=0.1 local-dp-epsilon=100.0"),
-    ("LocalDpMod (C=0.1, eps=10)", "privacy='local-dp' clipping-norm=0.1 local-dp-epsilon=10.0"),
-    ("LocalDpMod (C=0.1, eps=1)", "privacy='local-dp' clipping-norm=0.1 local-dp-epsilon=1.0"),
+    ("server-side fixed clipping (C=1, z=1)", "privacy='server-fixed-clipping' clipping-norm=1.0 noise-multiplier=1.0"),
+    ("client-side fixed clipping (C=1, z=1)", "privacy='client-fixed-clipping' clipping-norm=1.0 noise-multiplier=1.0"),
+    ("LocalDpMod (C=1, eps=10000)", "privacy='local-dp' clipping-norm=1.0 local-dp-epsilon=10000.0"),
+    ("LocalDpMod (C=1, eps=1000)", "privacy='local-dp' clipping-norm=1.0 local-dp-epsilon=1000.0"),
+    ("LocalDpMod (C=1, eps=100)", "privacy='local-dp' clipping-norm=1.0 local-dp-epsilon=100.0"),
     ("fedsim top-k mod (10%)", "privacy='topk' topk-fraction=0.1"),
 ]
 

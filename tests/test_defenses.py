@@ -250,3 +250,82 @@ def test_secure_aggregation_is_the_example_weighted_mean_for_unequal_counts():
     audit = read_side(out, 1)
     assert audit.client_id == AGGREGATE_ID
     assert audit.sample_ids == (0, 10, 11, 12, 20, 21, 22, 23, 24, 25)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# fedsim's defenses as Flower client mods (fedsim.mods)
+
+
+@pytest.fixture
+def in_a_flower_task(monkeypatch):
+    """Real Flower Messages outside a run need the task's identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for key, value in (("_run_id", 1), ("_node_id", 2), ("_task_id", 3)):
+        monkeypatch.setattr(TaskIdentity, key, value)
+
+
+def _train_exchange(rng):
+    """A train message with a model (floats and an integer counter) and the client's reply to it."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    sent = {"conv.weight": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+            "fc.bias": rng.normal(size=10).astype(np.float32), "bn.num_batches_tracked": np.array([5], np.int64)}
+    new = {k: (v + rng.normal(scale=0.1, size=v.shape).astype(np.float32)) if v.dtype == np.float32 else v + 1
+           for k, v in sent.items()}
+    new["bn.num_batches_tracked"] = np.array([6], np.int64)
+    msg = Message(RecordDict({"arrays": ArrayRecord({k: torch.from_numpy(v.copy()) for k, v in sent.items()}),
+                              "config": ConfigRecord({"lr": 0.1, "server-round": 3})}),
+                  dst_node_id=2, message_type="train")
+
+    def train(message, context):  # the ClientApp's train function the mod wraps
+        return Message(RecordDict({"arrays": ArrayRecord({k: torch.from_numpy(v.copy()) for k, v in new.items()}),
+                                   "metrics": MetricRecord({"num-examples": 4})}), reply_to=message)
+
+    return sent, new, msg, train
+
+
+def test_a_defense_mod_sends_the_sent_model_plus_the_defended_update(in_a_flower_task):
+    from flwr.app import Context, RecordDict
+
+    from fedsim import mods
+    from fedsim.defenses import DefenseContext, build_defense
+
+    sent, new, msg, train = _train_exchange(np.random.default_rng(0))
+    context = Context(run_id=1, node_id=2, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    reply = mods.topk(fraction=0.25)(msg, context, train)
+    arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    assert list(arrays) == list(new)  # the reply's keys, in its order
+    update = {k: torch.from_numpy(new[k] - sent[k]) for k in ("conv.weight", "fc.bias")}
+    expected = build_defense({"name": "topk", "fraction": 0.25}).apply(update, DefenseContext(torch.Generator()))
+    for key in update:  # the simulation's own top-k on the reply's update
+        np.testing.assert_allclose(arrays[key], sent[key] + expected[key].numpy(), rtol=0, atol=1e-6)
+        kept = np.count_nonzero(np.abs(arrays[key] - sent[key]) > 1e-7)
+        assert kept == max(1, int(np.floor(0.25 * sent[key].size + 0.5)))
+    assert arrays["bn.num_batches_tracked"] == 6 and arrays["bn.num_batches_tracked"].dtype == np.int64
+    assert reply.content["metrics"]["num-examples"] == 4
+
+
+def test_a_defense_mod_draws_from_its_seed_or_from_the_os(in_a_flower_task):
+    from flwr.app import Context, RecordDict
+
+    from fedsim import mods
+
+    def defended(mod):
+        _, _, msg, train = _train_exchange(np.random.default_rng(0))
+        context = Context(run_id=1, node_id=2, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+        return mod(msg, context, train).content["arrays"]["conv.weight"].numpy()
+
+    assert np.array_equal(defended(mods.randomk(fraction=0.3, seed=7)), defended(mods.randomk(fraction=0.3, seed=7)))
+    assert not np.array_equal(defended(mods.randomk(fraction=0.3, seed=7)),
+                              defended(mods.randomk(fraction=0.3, seed=8)))
+    assert not np.array_equal(defended(mods.gaussian_noise(std=0.1)), defended(mods.gaussian_noise(std=0.1)))
+
+
+def test_a_defense_that_changes_training_is_refused_as_a_mod():
+    from fedsim import mods
+
+    for spec in ({"name": "mixup"}, {"name": "dp_sgd", "clip": 1.0, "noise_multiplier": 1.0}, {"name": "fedbn"},
+                 {"name": "share_bn_stats"}):
+        with pytest.raises(ValueError, match="cannot run as a mod"):
+            mods.defense_mod(spec)

@@ -1,47 +1,23 @@
 """fedsim as a Flower app: ``flwr run .`` under Flower's own runtime (a local SuperLink in simulation mode, the
 ServerApp in its own process) gives the same run directory as ``fedsim run`` for the same experiment."""
 
-import os
-import signal
-import socket
 import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 from reference_run import OVERRIDES, ROOT, assert_same_results, table
 
+from fedsim.flwr_local import flwr_env, stop_processes_mentioning
+
 pytestmark = pytest.mark.ray
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def kill_processes_mentioning(text: str) -> None:
-    """The local SuperLink outlives ``flwr run`` (it is detached); its SuperExec follows its parent."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if text in cmdline:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 @pytest.fixture
 def flower_env(tmp_path):
+    """A private FLWR_HOME and ports; the local SuperLink ``flwr run`` starts there (detached, outliving the
+    command) and its children are stopped by their own PIDs afterwards."""
     home = tmp_path / "flwr-home"
-    env = dict(os.environ, FLWR_HOME=str(home), RAY_TMPDIR=tempfile.mkdtemp(prefix="fsflwr-"),
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_TELEMETRY_ENABLED="0",
-               FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
-    yield env
-    kill_processes_mentioning(str(home))
+    yield flwr_env(home)
+    stop_processes_mentioning(str(home))
 
 
 def flwr_run(env: dict, overrides: list[str], supernodes: int) -> str:

@@ -3,12 +3,12 @@ DP wrapper) with fedsim.audit: the same federation with and without the audit, t
 and its bad inputs."""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 import logging
 import os
 import pickle
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +17,12 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from test_federation import assert_no_ground_truth
-from test_flower_app import free_port, kill_processes_mentioning
 
 from fedsim.audit import AuditError, AuditFile, audited
 from fedsim.audit.app import DeclaredRecipe, _Recorder
 from fedsim.audit.auditor import AuditPlan, Auditor, PoolSettings
 from fedsim.contract import ModelSpec, ServerView, ThreatModel
+from fedsim.flwr_local import flwr_env, flwr_run, processes_mentioning, stop_processes_mentioning
 from fedsim.protocol import SIDE, Exchange, read_side
 from fedsim.results import RunDirectory, batch_file_name, model_checksum
 
@@ -48,20 +48,6 @@ def context(run_config: dict) -> Context:
 # One federation, run twice under `flwr run`: audited and not
 
 
-def flwr_run_example(env: dict, cwd: Path, run_config: str) -> tuple[str, str]:
-    """(Flower's status of the run, its log): ``flwr run`` exits 0 whether or not the app failed."""
-    done = subprocess.run(["flwr", "run", str(EXAMPLE), "--run-config", run_config, "--federation-config",
-                           "num-supernodes=2 client-resources-num-cpus=1", "--stream"],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-4000:]
-    run_id = log.split("Successfully started run ", 1)[1].split()[0]
-    listed = subprocess.run(["flwr", "list", "--format", "json"], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=120)
-    status = {str(r["run-id"]): r["status"] for r in json.loads(listed.stdout)["runs"]}[run_id]
-    return status, log
-
-
 @pytest.fixture(scope="module")
 def example_runs(tmp_path_factory, data_dir):
     """The example app for 2 rounds on 2 nodes, one training image each (batch 1), Flower's server-side fixed
@@ -69,11 +55,6 @@ def example_runs(tmp_path_factory, data_dir):
     ``fedsim-audit=""``."""
     root = tmp_path_factory.mktemp("flower-audit")
     data_dir = Path(data_dir).resolve()  # Flower's processes run elsewhere
-    home = root / "flwr-home"
-    env = dict(os.environ, FLWR_HOME=str(home), RAY_TMPDIR=tempfile.mkdtemp(prefix="fsaudit-"),
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_TELEMETRY_ENABLED="0",
-               FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
-               PYTHONPATH=str(OUTSIDE_PLUGIN))  # the spy attack, in Flower's processes and the attacker's
     seen = root / "seen"
     shipped = (EXAMPLE / "audit.toml").read_text()
     queue = root / "audited" / "fedsim-audits" / "audited" / "queue"
@@ -87,17 +68,22 @@ def example_runs(tmp_path_factory, data_dir):
     audit_file.write_text(audit)
     common = (f"num-server-rounds=2 max-train-examples=1 batch-size=1 data-dir='{data_dir}' "
               "privacy='server-fixed-clipping' noise-multiplier=0.0 clipping-norm=0.5")
-    runs = {}
-    try:
-        for name, audit_key in (("audited", str(audit_file)), ("plain", "")):
-            cwd = root / name
-            cwd.mkdir()
-            status, log = flwr_run_example(env, cwd, f"{common} final-model='{cwd / 'final.pt'}' "
-                                                      f"client-report='{cwd / 'report.jsonl'}' "
-                                                      f"fedsim-audit='{audit_key}'")
-            runs[name] = {"dir": cwd, "log": log, "status": status}
-    finally:
-        kill_processes_mentioning(str(home))
+
+    def run(name: str, audit_key: str) -> dict:  # each with its own local SuperLink: the two run side by side
+        cwd = root / name
+        cwd.mkdir()
+        env = flwr_env(root / f"flwr-home-{name}", PYTHONPATH=str(OUTSIDE_PLUGIN))  # the spy, in every process
+        try:
+            done = flwr_run(EXAMPLE, f"{common} final-model='{cwd / 'final.pt'}' "
+                                     f"client-report='{cwd / 'report.jsonl'}' fedsim-audit='{audit_key}'",
+                            env=env, cwd=cwd, supernodes=2, timeout=600)
+        finally:
+            stop_processes_mentioning(str(root / f"flwr-home-{name}"))
+        return {"dir": cwd, "log": done.log, "status": done.status}
+
+    with ThreadPoolExecutor(2) as pool:
+        futures = {name: pool.submit(run, name, key) for name, key in (("audited", str(audit_file)), ("plain", ""))}
+        runs = {name: future.result() for name, future in futures.items()}
     runs["seen"] = seen
     return runs
 
@@ -323,7 +309,7 @@ def test_the_example_app_is_audited_under_the_deployment_runtime(tmp_path, data_
     """``flower-superlink`` and two ``flower-supernode`` processes (insecure, local): the ServerApp runs in its own
     process without Ray, so the audit starts a private Ray there for the attacker; rows are written and every
     process started here is stopped by its own PID."""
-    from fedsim.flwr_local import flwr_env, flwr_run, free_port, processes_mentioning, wait_for_port
+    from fedsim.flwr_local import free_port, wait_for_port
 
     home = tmp_path / "flwr-home"
     home.mkdir()
