@@ -98,7 +98,7 @@ class GIML(GenerativeAttack):
         recs = self.inner_attack().reconstruct_many(observed, threat, device=device, seed=seed)
         for obs, rec in zip(observed, recs):
             rec.attack = self.name
-            rec.extra.update(prior_round=self._counts["prior_round"], prior_meta_steps=self._counts["meta_steps"])
+            rec.columns.update(prior_round=self._counts["prior_round"], prior_meta_steps=self._counts["meta_steps"])
             cfg = attacker_train_config(obs, threat)
             labels, _ = attacker_labels(obs, threat, cfg, public_model(obs))
             self._tasks.append(Kept(obs, np.asarray(labels), cfg))

@@ -83,14 +83,20 @@ LEAKAGE_COLUMNS = {"round": "round", "client_id": "client", "attack": "attack", 
                    "label_accuracy": "label acc", "attack_seconds": "seconds", "status": "status"}
 
 
-PRIOR_COLUMNS = {"prior_round": "prior round", "prior_meta_steps": "meta-steps"}
+def reported_columns(frame) -> list[str]:
+    """Columns the attacks added to the rows (Reconstruction.columns, e.g. a learnt prior's round), in order;
+    each label method's accuracy (label_acc_*) stays in the parquet, out of the console table."""
+    from .contract import LeakageRecord
+
+    fixed = set(LeakageRecord.__dataclass_fields__)
+    return [c for c in frame.columns if c not in fixed and not c.startswith("label_acc_") and frame[c].notna().any()]
 
 
 def leakage_table(frame, title: str) -> Table:
     table = Table(title=title)
-    names = dict(LEAKAGE_COLUMNS)
-    if "prior_round" in frame and (frame.prior_round >= 0).any():  # an attack with a learnt prior ran
-        names = {**{k: v for k, v in names.items() if k != "status"}, **PRIOR_COLUMNS, "status": "status"}
+    names = {k: v for k, v in LEAKAGE_COLUMNS.items() if k != "status"}
+    names.update({c: c.replace("_", " ") for c in reported_columns(frame)})
+    names["status"] = "status"
     cols = list(names)
     for col in cols:
         table.add_column(names[col], justify="left" if col in ("attack", "status") else "right")
@@ -98,7 +104,8 @@ def leakage_table(frame, title: str) -> Table:
         cells = []
         for col in cols:
             v = row.get(col, "")
-            cells.append(f"{v:.2f}" if isinstance(v, float) else str(v))
+            cells.append(str(int(v)) if isinstance(v, float) and v.is_integer() and col not in LEAKAGE_COLUMNS
+                         else f"{v:.2f}" if isinstance(v, float) else str(v))
         table.add_row(*cells)
     return table
 
@@ -273,7 +280,7 @@ def attack(
         fail(_one_line(err))
     import pandas as pd
 
-    frame = pd.DataFrame([r.__dict__ for r in rows])
+    frame = pd.DataFrame([r.to_row() for r in rows])
     console.print(leakage_table(frame, f"{attack_name} on {model} ({data.name} {indices}, batch {batch_size})"))
     ok = frame[frame.status == "ok"]
     if len(ok):

@@ -143,9 +143,11 @@ class Reconstruction:
     iterations: int
     restarts: int
     trace: list[tuple[int, float]] = field(default_factory=list)  # (iteration, best matching loss so far)
-    # label_candidates: {method: labels} every label method's answer (scored in the row); update_l2 and the
-    # other update-fit numbers; prior_round / prior_meta_steps for attacks with a learnt prior
+    # label_candidates: {method: labels} every label method's answer (each scored in the row as
+    # label_acc_<method>); update_l2 and the other update-fit numbers; anything else the attack keeps
     extra: dict = field(default_factory=dict)
+    # numbers this attack reports per update, each its own column of the row (e.g. a learnt prior's round)
+    columns: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -165,20 +167,23 @@ class LeakageRecord:
     lpips_best: float = float("nan")
     label_accuracy: float = float("nan")
     label_method: str = ""
-    label_acc_idlg: float = float("nan")  # each recovery method on the same update (known or not)
-    label_acc_yin: float = float("nan")
-    label_acc_count: float = float("nan")
     matching_loss: float = float("nan")
     attack_seconds: float = float("nan")
     update_l2: float = float("nan")  # fit of the reconstruction's simulated update to the observed one
     update_sign_agreement: float = float("nan")
     update_cosine_distance: float = float("nan")
-    prior_round: int = -1  # for attacks with a learnt prior: the round of the prior used (-1: none)
-    prior_meta_steps: int = 0  # and how many meta-steps it had taken
     iterations: int = 0
     restarts: int = 0
     status: str = "ok"  # ok | error | no ground truth (scored only by update fit: nothing was recorded)
     error: str = ""
+    # columns the attack adds: label_acc_<method> for each label method it tried (scored on the same update,
+    # whether labels were known or not) and its own numbers (Reconstruction.columns)
+    reported: dict[str, float] = field(default_factory=dict)
+
+    def to_row(self) -> dict:
+        """The row as stored: the fixed columns, then the reported ones."""
+        row = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "reported"}
+        return {**row, **self.reported}
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -66,8 +66,7 @@ class LeakageEvaluator:
             for key, value in scores.summary().items():
                 setattr(row, key, value)
             for method, labels in outcome.extra.get("label_candidates", {}).items():
-                if hasattr(row, f"label_acc_{method}"):
-                    setattr(row, f"label_acc_{method}", label_accuracy(np.asarray(labels), gt_labels))
+                row.reported[f"label_acc_{method}"] = label_accuracy(np.asarray(labels), gt_labels)
             matched = rec_images[torch.from_numpy(scores.order)]
             self._update_grid(observed, attack, gt_images, matched)
             self._keep_batch(observed, attack, gt_images, gt_labels, matched,
@@ -81,10 +80,10 @@ class LeakageEvaluator:
     def _describe(row: LeakageRecord, outcome: Reconstruction) -> None:
         """What needs no ground truth: how the attack ran and how well its reconstruction fits the update."""
         row.label_method = outcome.label_method
-        for key in ("update_l2", "update_sign_agreement", "update_cosine_distance", "prior_round",
-                    "prior_meta_steps"):
+        for key in ("update_l2", "update_sign_agreement", "update_cosine_distance"):
             if key in outcome.extra:
                 setattr(row, key, outcome.extra[key])
+        row.reported.update(outcome.columns)
         row.matching_loss = outcome.loss
         row.attack_seconds = outcome.seconds
         row.iterations = outcome.iterations

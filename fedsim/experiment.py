@@ -150,7 +150,7 @@ def run_experiment_file(path: Path, overrides: list[str] | None = None, only: li
             width=victim.width, checkpoint=checkpoint, seed=exp.seed, device=device, activation=victim.activation)
         t0 = time.perf_counter()
         rows = run_single(job, case_dir, overwrite=True)  # its settings changed (or it never finished): redo it
-        frame = pd.DataFrame([r.__dict__ for r in rows]).assign(case=case.name, paper=case.paper,
+        frame = pd.DataFrame([r.to_row() for r in rows]).assign(case=case.name, paper=case.paper,
                                                                  wall_seconds=time.perf_counter() - t0,
                                                                  overrides=" ".join(f"--set {o}" for o in overrides or []))
         (case_dir / "case.json").write_text(key)

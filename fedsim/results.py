@@ -34,7 +34,7 @@ class ParquetTable:
             self.rows = pd.read_parquet(self.path).to_dict("records")
 
     def append(self, row: dict | object) -> None:
-        record = asdict(row) if is_dataclass(row) else dict(row)
+        record = row.to_row() if hasattr(row, "to_row") else asdict(row) if is_dataclass(row) else dict(row)
         with self._lock:
             self.rows.append(record)
             frame = pd.DataFrame(self.rows)

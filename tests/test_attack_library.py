@@ -165,7 +165,7 @@ def test_dlg_recovers_images_where_a_fixed_step_fails(cifar_test, tmp_path):
     psnr = [row.psnr_mean for row in rows]
     assert all(r.status == "ok" and r.label_method == "joint" and r.label_accuracy == 1.0 for r in rows)
     assert min(psnr) > 20.0, psnr
-    assert all(r.label_acc_idlg == 1.0 and r.label_acc_count == 1.0 for r in rows)
+    assert all(r.reported["label_acc_idlg"] == 1.0 and r.reported["label_acc_count"] == 1.0 for r in rows)
 
 
 def observed_images(data, indices, threat=None):

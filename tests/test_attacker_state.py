@@ -17,7 +17,7 @@ class Rows:
 
     def __call__(self, observed, attack, outcome):
         assert not isinstance(outcome, BaseException), outcome
-        self.rows.append((observed.round, observed.client_id, attack, outcome.extra))
+        self.rows.append((observed.round, observed.client_id, attack, {**outcome.extra, **outcome.columns}))
 
 
 def test_state_is_saved_every_round_and_restored_on_resume(tmp_path, outside):

@@ -49,7 +49,7 @@ def test_the_meta_update_moves_the_prior_by_exactly_beta_toward_the_adapted_weig
     observed, threat = observed_updates(cifar_test, 1, [0, 1])
     observed2, _ = observed_updates(cifar_test, 2, [2])
     recs = giml.reconstruct_many(observed, threat, seed=0) + giml.reconstruct_many(observed2, threat, seed=1)
-    assert [r.extra["prior_meta_steps"] for r in recs] == [0, 0, 0] and len(giml._tasks) == 3
+    assert [r.columns["prior_meta_steps"] for r in recs] == [0, 0, 0] and len(giml._tasks) == 3
     before = {k: v.detach().clone() for k, v in giml._prior.named_parameters()}
     adapted = giml.adapt(giml._tasks, "cpu", seed=0)  # tasks of two rounds: two public models, one joint search
     assert set(adapted) == set(before)

@@ -65,7 +65,7 @@ class CountingAttack(Attack):
         last = self._state["rounds"][-1] if self._state["rounds"] else -1
         return [Reconstruction(self.name, np.zeros((o.num_examples, *o.model.image_shape), np.float32),
                                np.zeros(o.num_examples, np.int64), "none", 0.0, 0.0, 0, 1,
-                               extra={"prior_round": last, "prior_meta_steps": seen_before, "seed": seed})
+                               extra={"seed": seed}, columns={"prior_round": last, "prior_meta_steps": seen_before})
                 for o in observed]
 
     def end_round(self, server_round, *, device="cpu", seed=0, folder=None):
