@@ -116,8 +116,9 @@ def test_an_audited_app_writes_leakage_rows_scored_against_the_recorded_batches(
     ig = leakage[leakage.attack == "inverting_gradients"].sort_values("round")
     assert ig["round"].tolist() == [1, 2] and (ig.status == "ok").all(), ig[["status", "error"]]
     assert (ig.batch_size == 1).all() and (ig.label_accuracy == 1.0).all()
-    # real leakage at batch 1: far above a flat grey image (about 11 dB on CIFAR-10) after 200 iterations
-    assert (ig.psnr_mean > 13.0).all(), ig.psnr_mean.tolist()
+    # real leakage at batch 1 after 200 iterations: above what a flat image of each picture's own mean colour
+    # scores (14.3 dB on CIFAR-10 images 0-999; mid-grey: 12.5 dB), with structure (SSIM)
+    assert (ig.psnr_mean > 14.5).all() and (ig.ssim_mean > 0.2).all(), ig[["psnr_mean", "ssim_mean"]]
     for row in ig.itertuples():
         images, _ = example.load_data(int(row.client_id), 2, str(data_dir), 1)
         truth = np.clip(np.rint((images.numpy() * 0.5 + 0.5) * 255), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
@@ -350,4 +351,4 @@ def test_the_example_app_is_audited_under_the_deployment_runtime(tmp_path, data_
     assert len(runs) == 1, (logs / "superlink.log").read_text()[-3000:]
     leakage = pd.read_parquet(runs[0] / "leakage.parquet")
     assert sorted(leakage["round"]) == [1, 2] and (leakage.status == "ok").all(), leakage[["status", "error"]]
-    assert (leakage.psnr_mean > 12.0).all()
+    assert (leakage.psnr_mean > 14.5).all() and (leakage.ssim_mean > 0.2).all(), leakage[["psnr_mean", "ssim_mean"]]
