@@ -352,3 +352,38 @@ def test_the_example_app_is_audited_under_the_deployment_runtime(tmp_path, data_
     leakage = pd.read_parquet(runs[0] / "leakage.parquet")
     assert sorted(leakage["round"]) == [1, 2] and (leakage.status == "ok").all(), leakage[["status", "error"]]
     assert (leakage.psnr_mean > 14.5).all() and (leakage.ssim_mean > 0.2).all(), leakage[["psnr_mean", "ssim_mean"]]
+
+
+def test_audit_mod_records_the_batches_only_when_the_audit_attacks_something(tmp_path, monkeypatch):
+    """The side channel always names the client; the batches go with it only if the audit file attacks anything
+    (with attacks off, recording would be the audit's whole cost on the clients)."""
+    from flwr.app import Message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedsim.audit import audit_mod, record_batch
+    from fedsim.audit.app import _records_anything
+
+    for key, value in (("_run_id", 1), ("_node_id", 2), ("_task_id", 3)):
+        monkeypatch.setattr(TaskIdentity, key, value)
+    base = 'model = "flowerapp.task:Net"\n'
+    (tmp_path / "on.toml").write_text(base + 'attacks = [{ name = "inverting_gradients" }]\n[recipe]\nlr = 0.1\n')
+    (tmp_path / "off.toml").write_text(base + "attacks = []\n[recipe]\nlr = 0.1\n")
+    (tmp_path / "none.toml").write_text(base + 'attacks = [{ name = "dlg" }]\nattacked_per_round = 0\n'
+                                               "[recipe]\nlr = 0.1\n")
+    _records_anything.cache_clear()
+
+    def train(message, context):  # a user's train function: records its one batch
+        record_batch(torch.ones(2, 3, 4, 4), torch.tensor([1, 2]))
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 2})}), reply_to=message)
+
+    sides = {}
+    for name in ("on", "off", "none"):
+        context = Context(run_id=1, node_id=2, node_config={"partition-id": 3}, state=RecordDict(),
+                          run_config={"fedsim-audit": str(tmp_path / f"{name}.toml")})
+        msg = Message(RecordDict({"config": ConfigRecord({"lr": 0.1})}), dst_node_id=2, message_type="train")
+        sides[name] = audit_mod(msg, context, train).content[SIDE]
+    assert all(side["partition-id"] == 3 for side in sides.values())
+    assert "batches" in sides["on"] and "batches" not in sides["off"] and "batches" not in sides["none"]
+    unaudited = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={"fedsim-audit": ""})
+    msg = Message(RecordDict({"config": ConfigRecord({"lr": 0.1})}), dst_node_id=2, message_type="train")
+    assert SIDE not in audit_mod(msg, unaudited, train).content  # not audited: the reply as the app made it

@@ -21,6 +21,8 @@ federation, never one with other people's data on a network you do not control.
 from __future__ import annotations
 
 import contextvars
+import sys
+import tomllib
 import hashlib
 import inspect
 import logging
@@ -29,6 +31,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -469,14 +472,32 @@ def record_batch(images: torch.Tensor, labels: torch.Tensor) -> None:
         recorder.add(images, labels)
 
 
+@lru_cache(maxsize=8)
+def _records_anything(name: str) -> bool:
+    """Whether the audit file named by the run config attacks anything (no attacks, or none a round: nothing to
+    score, so clients need not record). Looked for as the server does, against the app directory, which Flower
+    puts on this process's path; not found or not readable: record (the server decides)."""
+    path = Path(name).expanduser()
+    candidates = [path] if path.is_absolute() else [Path(entry) / path for entry in sys.path if entry] + [path]
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                raw = tomllib.loads(candidate.read_text())
+            except (OSError, tomllib.TOMLDecodeError):
+                return True
+            return bool(raw.get("attacks", [])) and raw.get("attacked_per_round", 1) != 0
+    return True
+
+
 def audit_mod(msg: Message, context: Context, call_next) -> Message:
     """Flower client mod: on train messages of an audited run, records the batches the train function passes to
     :func:`record_batch` and attaches them with the client's partition id (``node_config["partition-id"]``) as
     the side channel. Put it first in ``mods`` so no other mod sees the side channel."""
-    if msg.metadata.message_type != MessageType.TRAIN or not str(context.run_config.get(RUN_CONFIG_KEY, "") or ""):
+    name = str(context.run_config.get(RUN_CONFIG_KEY, "") or "").strip()
+    if msg.metadata.message_type != MessageType.TRAIN or not name:
         return call_next(msg, context)
     recorder = _Recorder()
-    token = _RECORDER.set(recorder)
+    token = _RECORDER.set(recorder if _records_anything(name) else None)
     try:
         reply = call_next(msg, context)
     finally:
