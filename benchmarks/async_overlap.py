@@ -40,7 +40,7 @@ def configure(out: Path, args, attacks: bool):
 
 def federation(cfg) -> tuple[float, Path, float]:
     """(wall seconds, run directory, seconds until round 1's row: the first teed update exists from then on)."""
-    from fedsim.federation import run_experiment
+    from fedsim.driver import run_experiment
 
     t0, wall0 = time.perf_counter(), time.time()
     store = run_experiment(cfg, show_progress=False)
@@ -52,7 +52,8 @@ def attacks_alone(cfg, queue_root: Path) -> tuple[float, int]:
     import ray
 
     from fedsim.backlog import UpdateQueue
-    from fedsim.federation import _ray_settings, attacker_gpus
+    from fedsim.driver import _ray_settings
+    from fedsim.federation import attacker_gpus
     from fedsim.pool import AttackerPool
     from fedsim.seeds import attacker_root
 

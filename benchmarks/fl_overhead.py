@@ -88,7 +88,7 @@ def plain_flower(clients: int, rounds: int, batch: int, seed: int) -> tuple[floa
 
 def fedsim_run(clients: int, rounds: int, batch: int, seed: int, tee: bool, out: Path) -> tuple[float, list[float]]:
     from fedsim.config import load_config
-    from fedsim.federation import run_experiment
+    from fedsim.driver import run_experiment
 
     overrides = [f'output_dir="{out}"', f'name="tee_{tee}"', f"federation.num_clients={clients}",
                  f"federation.clients_per_round={clients}", f"federation.rounds={rounds}", f"seed={seed}",

@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from fedsim.config import load_config
-    from fedsim.federation import run_experiment
+    from fedsim.driver import run_experiment
 
     samples: list[tuple[int, float, float, float]] = []  # round, seconds since start, driver RSS MB, store MB
     with tempfile.TemporaryDirectory() as tmp:

@@ -135,7 +135,8 @@ def run(
         prepare(cfg)  # resolve data and partitions now: bad input fails before Ray starts
     except _user_errors() as err:
         fail(_one_line(err))
-    from .federation import RunInterrupted, run_experiment
+    from .driver import run_experiment
+    from .serverapp import RunInterrupted
 
     from strategies.reproducible import ClientFailure
 

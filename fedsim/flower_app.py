@@ -28,7 +28,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from .config import ConfigError, ExperimentConfig, load_config
-from .federation import ClientSide, _server_main, make_client_app, open_run_directory, open_session, prepare
+from .clientapp import ClientSide, make_client_app
+from .driver import open_run_directory, open_session
+from .federation import prepare
+from .serverapp import _server_main
 
 log = logging.getLogger("fedsim")
 SOURCE_TREE = Path(__file__).resolve().parents[1]

@@ -415,7 +415,7 @@ def _start_ray(cfg) -> str:
     """A local Ray cluster for the sweep's points to join (sized and placed as a run's own would be)."""
     import ray
 
-    from .federation import _ray_settings
+    from .driver import _ray_settings
 
     settings = _ray_settings(cfg, None)
     ray.init(**{k: v for k, v in settings.items() if v is not None})

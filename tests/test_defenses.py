@@ -129,7 +129,9 @@ def test_fedbn_keeps_batchnorm_local_across_rounds_in_a_real_federation(tmp_path
     matches the server's model only with the client's own BatchNorm layers from round 1 (its node state)."""
     from fedsim.client import choose_samples, client_round
     from fedsim.config import load_config
-    from fedsim.federation import _client_process_state, ClientSide, prepare, run_experiment
+    from fedsim.clientapp import ClientSide, _client_process_state
+    from fedsim.driver import run_experiment
+    from fedsim.federation import prepare
 
     cfg = load_config("experiments/quickstart.toml", [
         f'output_dir="{tmp_path}"', 'name="fedbn"', "federation.num_clients=1", "federation.clients_per_round=1",

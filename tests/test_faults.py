@@ -8,7 +8,7 @@ import pytest
 
 from fedsim.config import load_config
 from fedsim.contract import ThreatModel
-from fedsim.federation import run_experiment
+from fedsim.driver import run_experiment
 from fedsim.pool import AttackerPool
 from observed import updates
 from strategies.reproducible import ClientFailure

@@ -11,7 +11,7 @@ import torch
 from fedsim.backlog import audit_from_record
 from fedsim.config import load_config
 from fedsim.contract import AuditRecord, ObservedUpdate
-from fedsim.federation import run_experiment
+from fedsim.driver import run_experiment
 
 pytestmark = pytest.mark.ray
 
@@ -224,7 +224,8 @@ def test_the_attack_chain_replays_a_real_fedavg_client_to_float_precision(tmp_pa
 
 def test_secure_aggregation_shows_the_tee_only_the_exact_aggregate_and_leaves_fedavg_unchanged(tmp_path, data_dir, spy):
     from fedsim.client import choose_samples, client_round
-    from fedsim.federation import ClientSide, _client_process_state, prepare
+    from fedsim.clientapp import ClientSide, _client_process_state
+    from fedsim.federation import prepare
     from strategies.reproducible import ReproducibleSampling
 
     SEEN = spy

@@ -99,7 +99,7 @@ def test_client_dp_refuses_a_batchnorm_victim_before_the_run(data_dir):
 def test_the_epsilon_column_of_a_real_run_equals_the_rdp_accountant(tmp_path, data_dir):
     from opacus.accountants import RDPAccountant
 
-    from fedsim.federation import run_experiment
+    from fedsim.driver import run_experiment
 
     cfg = load_config("experiments/quickstart.toml", SMALL + [
         f'output_dir="{tmp_path}"', 'name="dp"', 'defenses=[{name="client_dp", clip=0.5, epsilon=20.0}]',
@@ -171,7 +171,7 @@ def test_dp_sgd_clips_each_example_and_adds_the_stated_noise(cifar_test):
 def test_dp_sgd_clients_train_and_report_epsilon(tmp_path, data_dir):
     from opacus.accountants import RDPAccountant
 
-    from fedsim.federation import run_experiment
+    from fedsim.driver import run_experiment
 
     cfg = load_config("experiments/quickstart.toml", SMALL + [
         f'output_dir="{tmp_path}"', 'name="dpsgd"', 'client.mode="fedavg"', "client.batch_size=2",
