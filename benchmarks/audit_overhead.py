@@ -96,7 +96,7 @@ def tee_cost(examples: int, repeats: int = 20) -> list[tuple[str, float]]:
                 replies.append(reply)
             t1 = time.perf_counter()
             for reply in replies:  # what Auditor.observe does for an attacked reply, and the strip
-                arrays = {k: v for k, v in arrays_to_numpy(sent["arrays"]).items()}
+                arrays = arrays_to_numpy(sent["arrays"])
                 view = read_reply(reply, plan.keys)
                 config = plan.train_config(dict(sent["config"].items()), view.num_examples)
                 observed = plan.view.observe(1, arrays, config, view)

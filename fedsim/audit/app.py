@@ -40,11 +40,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from strategies.honest_but_curious import HonestButCurious
 
-from ..config import ThreatConfig, _construct, read_toml
+from ..config import Section, ThreatConfig, _construct, read_toml
 from ..contract import ModelSpec, ServerView, ThreatModel, build_attack, check_attacks
 from ..models import build_model
 from ..protocol import SIDE, RecordKeys, ReplyError, arrays_to_numpy, encode_batches
@@ -64,10 +64,6 @@ class AuditError(ValueError):
 
 # ------------------------------------------------------------------------------------------------------------
 # The audit file
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 Declared = float | int | bool | str  # a literal, or "config:KEY" / "run:KEY"
