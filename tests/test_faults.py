@@ -8,7 +8,7 @@ import pytest
 
 from fedsim.config import load_config
 from fedsim.contract import ThreatModel
-from fedsim.driver import run_experiment
+from fedsim.driver import run_federation
 from fedsim.pool import AttackerPool
 from observed import updates
 from strategies.reproducible import ClientFailure
@@ -96,7 +96,7 @@ def client_fault_config(tmp_path, name, *overrides):
 
 
 def test_a_client_that_raises_is_recorded_and_the_round_aggregates_the_others(tmp_path, data_dir, outside):
-    store = run_experiment(client_fault_config(tmp_path, "skip"), show_progress=False)
+    store = run_federation(client_fault_config(tmp_path, "skip"), show_progress=False)
     rounds = store.rounds.frame()
     assert list(rounds["round"]) == [0, 1, 2, 3] and rounds["model_checksum"].nunique() == 4
     failures = pd.read_parquet(store.root / "failures.parquet")
@@ -110,5 +110,5 @@ def test_a_client_that_raises_is_recorded_and_the_round_aggregates_the_others(tm
 def test_a_client_that_raises_can_stop_the_run_naming_client_and_round(tmp_path, data_dir, outside):
     cfg = client_fault_config(tmp_path, "stop", 'federation.on_client_error="stop"')
     with pytest.raises(ClientFailure, match=r"client 1 failed in round 2: .*injected fault"):
-        run_experiment(cfg, show_progress=False)
+        run_federation(cfg, show_progress=False)
     assert list(pd.read_parquet(tmp_path / "stop" / "rounds.parquet")["round"]) == [0, 1]
