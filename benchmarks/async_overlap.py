@@ -4,8 +4,8 @@
 
 Three measurements of the same experiment (quickstart settings, ``--attacked`` clients attacked per round):
 
-1. federation alone: ``run_experiment`` with no attacks (the tee off);
-2. federation + attacks: ``run_experiment`` as configured; the teed updates stay in the run's queue on disk (the
+1. federation alone: ``run_federation`` with no attacks (the tee off);
+2. federation + attacks: ``run_federation`` as configured; the teed updates stay in the run's queue on disk (the
    benchmark keeps them instead of dropping each round when its attacks are done);
 3. attacks alone: a fresh Ray and attacker pool given exactly those queued updates, until drained.
 
@@ -40,10 +40,10 @@ def configure(out: Path, args, attacks: bool):
 
 def federation(cfg) -> tuple[float, Path, float]:
     """(wall seconds, run directory, seconds until round 1's row: the first teed update exists from then on)."""
-    from fedsim.driver import run_experiment
+    from fedsim.driver import run_federation
 
     t0, wall0 = time.perf_counter(), time.time()
-    store = run_experiment(cfg, show_progress=False)
+    store = run_federation(cfg, show_progress=False)
     rounds = store.rounds.frame()
     return time.perf_counter() - t0, store.root, float(rounds.loc[rounds["round"] == 1, "time"].iloc[0]) - wall0
 

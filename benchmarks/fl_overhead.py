@@ -88,7 +88,7 @@ def plain_flower(clients: int, rounds: int, batch: int, seed: int) -> tuple[floa
 
 def fedsim_run(clients: int, rounds: int, batch: int, seed: int, tee: bool, out: Path) -> tuple[float, list[float]]:
     from fedsim.config import load_config
-    from fedsim.driver import run_experiment
+    from fedsim.driver import run_federation
 
     overrides = [f'output_dir="{out}"', f'name="tee_{tee}"', f"federation.num_clients={clients}",
                  f"federation.clients_per_round={clients}", f"federation.rounds={rounds}", f"seed={seed}",
@@ -96,7 +96,7 @@ def fedsim_run(clients: int, rounds: int, batch: int, seed: int, tee: bool, out:
     overrides += (['attacks=[{name="outside_mean"}]', "attack.clients_per_round=1"] if tee else ["attacks=[]"])
     cfg = load_config(ROOT / "experiments" / "quickstart.toml", overrides)
     t0 = time.perf_counter()
-    store = run_experiment(cfg, show_progress=False)
+    store = run_federation(cfg, show_progress=False)
     wall = time.perf_counter() - t0
     stamps = store.rounds.frame()["time"].to_numpy()
     return wall, list(np.diff(stamps))

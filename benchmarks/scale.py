@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from fedsim.config import load_config
-    from fedsim.driver import run_experiment
+    from fedsim.driver import run_federation
 
     samples: list[tuple[int, float, float, float]] = []  # round, seconds since start, driver RSS MB, store MB
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,7 +81,7 @@ def main() -> None:
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-        store = run_experiment(cfg, show_progress=False)
+        store = run_federation(cfg, show_progress=False)
         wall = time.perf_counter() - t0
         stop.set()
         watcher.join()

@@ -112,7 +112,7 @@ def leakage_table(frame, title: str) -> Table:
 
 @app.command()
 def run(
-    config: Path = typer.Argument(..., help="Experiment TOML file."),
+    config: Path = typer.Argument(..., help="Run config TOML file."),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set federation.rounds=5 (repeatable)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join an existing Ray cluster."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the same directory from its last finished round and attack its backlog."),
@@ -135,7 +135,7 @@ def run(
         prepare(cfg)  # resolve data and partitions now: bad input fails before Ray starts
     except _user_errors() as err:
         fail(_one_line(err))
-    from .driver import run_experiment
+    from .driver import run_federation
     from .serverapp import RunInterrupted
 
     from strategies.reproducible import ClientFailure
@@ -144,7 +144,7 @@ def run(
     from .results import DirectoryInUse, RunDirectoryError
 
     try:
-        store = run_experiment(cfg, ray_address=ray_address, mode=mode, show_progress=not quiet)
+        store = run_federation(cfg, ray_address=ray_address, mode=mode, show_progress=not quiet)
     except (ConfigError, DirectoryInUse, RunDirectoryError) as err:  # before Ray starts: a resume that does not fit, a busy directory
         fail(_one_line(err))
     except ClientFailure as err:  # federation.on_client_error = "stop"; the rows written so far stay
@@ -319,7 +319,7 @@ def experiment(
 
 @app.command()
 def sweep(
-    config: Path = typer.Argument(..., help="Sweep TOML: a base experiment and the axes of its grid."),
+    config: Path = typer.Argument(..., help="Sweep TOML: a base run config and the axes of its grid."),
     set_: list[str] = typer.Option([], "--set", help="Override a key in every point (repeatable)."),
     parallel: Optional[int] = typer.Option(None, "--parallel", min=1, help="Points at once (default: the file's "
                                            "parallel; at most one per core)."),

@@ -1,6 +1,6 @@
 """fedsim's Flower ClientApp: a client process loads its data once and trains the rounds it is sent.
 
-Client actors are separate processes: each loads its data once and caches it, and learns of the experiment only
+Client actors are separate processes: each loads its data once and caches it, and learns of the run only
 its :class:`ClientPlan` (no attack or threat settings beyond the sharing rules).
 """
 
@@ -36,7 +36,7 @@ LOCAL = "fedsim.local-state"  # a client's own values of the layers its defenses
 
 @dataclass(frozen=True)
 class ClientPlan:
-    """What a client process needs (and all it learns of the experiment): no attack or threat settings beyond the
+    """What a client process needs (and all it learns of the run): no attack or threat settings beyond the
     sharing rules, so client actors never import attacker code paths."""
 
     model_name: str
@@ -61,7 +61,7 @@ def _client_process_state(plan: ClientPlan) -> tuple[ImageData, torch.nn.Module,
 
 @dataclass(frozen=True)
 class ClientSide:
-    """A client process's whole view of the experiment: its plan and every client's partition (by partition id)."""
+    """A client process's whole view of the run: its plan and every client's partition (by partition id)."""
 
     plan: ClientPlan
     partitions: tuple[np.ndarray, ...]

@@ -1,4 +1,4 @@
-"""Experiment configuration: one TOML file, validated in full before anything starts.
+"""The run config (`RunConfig`): one TOML file, validated in full before anything starts.
 
 Unknown keys and bad values raise :class:`ConfigError` with one line naming the key (the CLI exits with code 2).
 ``--set a.b=value`` overrides any key; values parse as TOML literals (``0.1``, ``true``, ``"x"``, ``[1, 2]``),
@@ -154,8 +154,8 @@ class RayConfig(Section):
     object_store_memory_mb: int = Field(default=512, ge=78)
 
 
-class ExperimentConfig(Section):
-    name: str = "experiment"
+class RunConfig(Section):
+    name: str = "run"
     output_dir: str = "runs"
     seed: int = 0
     device: Annotated[str, AfterValidator(_device_name)] = "cpu"  # cpu, cuda, cuda:N, mps
@@ -258,7 +258,7 @@ def _construct(factory, spec, where: str):
 
 def _format_validation_error(err: ValidationError) -> str:
     parts = []
-    for key, msg in validation_problems(err, ExperimentConfig):
+    for key, msg in validation_problems(err, RunConfig):
         key = key or "config"
         parts.append(msg if msg.startswith(f"{key}.") else f"{key}: {msg}")
     return "invalid config: " + "; ".join(parts)
@@ -313,12 +313,12 @@ def read_toml(path: str | Path, kind: str = "config") -> dict:
         raise ConfigError(f"{p}: not valid TOML: {err}") from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     raw: dict = read_toml(path) if path is not None else {}
     for assignment in overrides or []:
         apply_override(raw, assignment)
     try:
-        return ExperimentConfig.model_validate(raw)
+        return RunConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err)) from None
 

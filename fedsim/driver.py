@@ -12,7 +12,7 @@ import threading
 
 from .audit import Auditor
 from .checks import check_resources
-from .config import ConfigError, ExperimentConfig, resume_conflict
+from .config import ConfigError, RunConfig, resume_conflict
 from .contract import LeakageRecord
 from .results import RunDirectory
 from .clientapp import ClientSide, make_client_app
@@ -64,7 +64,7 @@ class Progress:
             self.bar.advance(self.attacks)
 
 
-def _ray_settings(cfg: ExperimentConfig, address: str | None) -> dict:
+def _ray_settings(cfg: RunConfig, address: str | None) -> dict:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU runs: keep Ray from touching GPU env vars
@@ -77,7 +77,7 @@ def _ray_settings(cfg: ExperimentConfig, address: str | None) -> dict:
             "object_store_memory": cfg.ray.object_store_memory_mb * 1024 * 1024, "_temp_dir": tmp}
 
 
-def check_cluster(cfg: ExperimentConfig, address: str) -> None:
+def check_cluster(cfg: RunConfig, address: str) -> None:
     """On an existing cluster: what clients and attacker workers request must exist there."""
     import ray
 
@@ -93,7 +93,7 @@ def check_cluster(cfg: ExperimentConfig, address: str) -> None:
         raise ConfigError(str(err)) from None
 
 
-def open_run_directory(cfg: ExperimentConfig, mode: str = "new") -> tuple[RunDirectory, int]:
+def open_run_directory(cfg: RunConfig, mode: str = "new") -> tuple[RunDirectory, int]:
     """The run directory (``mode``: new, resume or overwrite, see RunDirectory) and the last round it finished (-1:
     fresh); a directory that already holds a run without resume/overwrite, or a resume that would change the
     results, is a one-line error before anything starts."""
@@ -105,7 +105,7 @@ def open_run_directory(cfg: ExperimentConfig, mode: str = "new") -> tuple[RunDir
         raise
 
 
-def _continue_from(store: RunDirectory, cfg: ExperimentConfig, resume: bool) -> int:
+def _continue_from(store: RunDirectory, cfg: RunConfig, resume: bool) -> int:
     finished = -1
     if resume:
         conflict = resume_conflict(json.loads((store.root / "config.json").read_text()), cfg.model_dump())
@@ -129,7 +129,7 @@ def open_session(fed: Federation, store: RunDirectory, finished: int, progress: 
     return Session(fed, store, auditor, progress, finished=finished)
 
 
-def run_experiment(cfg: ExperimentConfig, *, ray_address: str | None = None, mode: str = "new",
+def run_federation(cfg: RunConfig, *, ray_address: str | None = None, mode: str = "new",
                    show_progress: bool = True) -> RunDirectory:
     """Run a configured federation with its attacks; returns the run directory (rows are written as they come).
 

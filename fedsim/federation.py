@@ -21,7 +21,7 @@ import torch
 
 from .audit import AuditPlan, PoolSettings
 from .checks import check_device, check_resources
-from .config import ExperimentConfig
+from .config import RunConfig
 from .contract import ModelSpec, ServerView, check_attacks
 from .data import DataError, ImageData, load_dataset, partition_indices
 from .models import build_model
@@ -84,7 +84,7 @@ def _load(dataset: str, split: str, path: str | None, image_size: int, data_dir:
 class Federation:
     """Everything resolved before Flower starts."""
 
-    cfg: ExperimentConfig
+    cfg: RunConfig
     plan: DataPlan
     train: ImageData
     partitions: list[np.ndarray]  # indices into ``train`` per partition id
@@ -94,7 +94,7 @@ class Federation:
     audit: AuditPlan  # the attacker side of the run, built once here
 
 
-def prepare(cfg: ExperimentConfig, *, checks: bool = True) -> Federation:
+def prepare(cfg: RunConfig, *, checks: bool = True) -> Federation:
     """Resolve data, partitions and the held-out set; with ``checks``, also everything that would otherwise fail
     after Ray has started (checkpoint, device, resources, attack/threat fit). Client processes skip the checks."""
     d = cfg.data
@@ -130,7 +130,7 @@ def prepare(cfg: ExperimentConfig, *, checks: bool = True) -> Federation:
     return fed
 
 
-def audit_plan(cfg: ExperimentConfig, spec: ModelSpec, normalization) -> AuditPlan:
+def audit_plan(cfg: RunConfig, spec: ModelSpec, normalization) -> AuditPlan:
     """The attacker side of a configured federation: the server's view, the attacks and where they run."""
     a = cfg.attack
     view = ServerView(spec, normalization, cfg.threat_model(), tuple(d.tag() for d in cfg.build_defenses()))
@@ -162,7 +162,7 @@ def _check_before_start(fed: Federation) -> None:
 
 
 
-def attacker_gpus(cfg: ExperimentConfig) -> float:
+def attacker_gpus(cfg: RunConfig) -> float:
     """GPUs each attacker worker requests: ``attack.gpus_per_worker``, else a share of one GPU on cuda."""
     if cfg.attack.gpus_per_worker is not None:
         return cfg.attack.gpus_per_worker

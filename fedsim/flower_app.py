@@ -1,9 +1,9 @@
-"""fedsim as a Flower app: ``flwr run .`` runs an experiment under Flower's own (process-isolated) runtime.
+"""fedsim as a Flower app: ``flwr run .`` runs a fedsim run config under Flower's own (process-isolated) runtime.
 
 pyproject.toml names these components (``[tool.flwr.app.components]``) and the run config they read
 (``[tool.flwr.app.config]``):
 
-- ``experiment``: the experiment TOML (relative paths resolve against the working directory of Flower's runtime,
+- ``config``: the run config TOML (relative paths resolve against the working directory of Flower's runtime,
   then against this source tree);
 - ``set``: overrides in ``fedsim run --set`` syntax, separated by spaces (``"federation.rounds=2 seed=3"``);
 - ``resume``: continue the run directory from its last finished round, as ``fedsim run --resume``;
@@ -27,7 +27,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from .config import ConfigError, ExperimentConfig, load_config
+from .config import ConfigError, RunConfig, load_config
 from .clientapp import ClientSide, make_client_app
 from .driver import open_run_directory, open_session
 from .federation import prepare
@@ -37,16 +37,16 @@ log = logging.getLogger("fedsim")
 SOURCE_TREE = Path(__file__).resolve().parents[1]
 
 
-def experiment_path(name: str) -> Path:
+def config_path(name: str) -> Path:
     path = Path(name).expanduser()
     if path.is_absolute() or path.exists():
         return path
     if (SOURCE_TREE / path).exists():
         return SOURCE_TREE / path
-    raise FileNotFoundError(f"run config experiment={name!r}: no such file (in {os.getcwd()} or {SOURCE_TREE})")
+    raise FileNotFoundError(f"run config config={name!r}: no such file (in {os.getcwd()} or {SOURCE_TREE})")
 
 
-RUN_CONFIG_KEYS = ("experiment", "set", "resume", "overwrite")
+RUN_CONFIG_KEYS = ("config", "set", "resume", "overwrite")
 FLWR_HINT = "set the run config resume=true to continue it, overwrite=true to replace it, or another name"
 
 
@@ -55,16 +55,16 @@ class RunFailed(RuntimeError):
 
 
 @lru_cache(maxsize=4)
-def _config(experiment: str, overrides: str) -> ExperimentConfig:
-    return load_config(experiment_path(experiment), shlex.split(overrides))
+def _config(path: str, overrides: str) -> RunConfig:
+    return load_config(config_path(path), shlex.split(overrides))
 
 
-def config_of(run_config: dict) -> ExperimentConfig:
-    """The experiment a run config names, with its overrides applied (one line per bad key, as ``fedsim run``)."""
+def config_of(run_config: dict) -> RunConfig:
+    """The fedsim run config a Flower run config names, with its overrides applied (one line per bad key, as ``fedsim run``)."""
     unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS))
     if unknown:
         raise ValueError(f"run config: unknown key {unknown[0]!r} (expected {', '.join(RUN_CONFIG_KEYS)})")
-    return _config(str(run_config.get("experiment", "")), str(run_config.get("set", "")))
+    return _config(str(run_config.get("config", "")), str(run_config.get("set", "")))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -116,13 +116,13 @@ def _main(grid: Grid, context: Context) -> None:
 
 
 @lru_cache(maxsize=2)
-def _client_side(experiment: str, overrides: str) -> ClientSide:
-    return ClientSide.of(prepare(_config(experiment, overrides), checks=False))
+def _client_side(path: str, overrides: str) -> ClientSide:
+    return ClientSide.of(prepare(_config(path, overrides), checks=False))
 
 
 def _side_of(context: Context) -> ClientSide:
     config_of(dict(context.run_config))  # same validation as the server
-    return _client_side(str(context.run_config.get("experiment", "")), str(context.run_config.get("set", "")))
+    return _client_side(str(context.run_config.get("config", "")), str(context.run_config.get("set", "")))
 
 
 client_app = make_client_app(_side_of)

@@ -23,6 +23,7 @@ Seeds. Workers get the attacker's root seed (fedsim.seeds), never the run seed t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -43,6 +44,26 @@ Outcome = Reconstruction | BaseException
 RecordFn = Callable[[ObservedUpdate, str, Outcome], object]
 log = logging.getLogger("fedsim")
 ROUND_FILE = re.compile(r"round_(\d+)\.pt$")
+POLL_SECONDS = 0.1  # how often the collector polls Ray for finished attack calls
+
+
+class RayGone(RuntimeError):
+    """Ray was shut down under the pool (Flower's runtime does so on Ctrl-C before fedsim sees the interrupt)."""
+
+
+def ray_call(fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)`` (a Ray call) under Ray's own lock around ``ray.init``/``ray.shutdown``, and only while
+    Ray is up. A call racing a shutdown from another thread does two kinds of harm, both seen here: made after it,
+    Ray's auto-init starts a fresh local Ray whose GCS client exits the whole process 60 s after that one goes away;
+    made during it, the core worker is torn down under the call (ray-project/ray#31145). So the pool never blocks
+    inside Ray either: it polls (timeout 0) and waits in Python, and a shutdown waits at most for one poll."""
+    import ray
+    from ray._private import worker
+
+    with getattr(worker, "_connect_or_shutdown_lock", None) or contextlib.nullcontext():
+        if not ray.is_initialized():
+            raise RayGone("Ray is shut down")
+        return fn(*args, **kwargs)
 
 
 def attack_keys(attacks: list[Attack]) -> list[str]:
@@ -162,6 +183,10 @@ class AttackTimeout(TimeoutError):
     pass
 
 
+class AttackerStartError(RuntimeError):
+    """An attacker worker's constructor raised on its node (it would again on every restart): no retry."""
+
+
 class AttackerPool:
     """Runs every configured attack on every submitted update exactly once per (round, client, attack key):
     ``done`` holds the keys that already have a row (a resumed run passes the rows it kept), and a submission
@@ -221,7 +246,13 @@ class AttackerPool:
             return [self._inline.where()]
         import ray
 
-        return ray.get([actor.where.remote() for actor in self._actors], timeout=timeout)
+        refs = [ray_call(actor.where.remote) for actor in self._actors]
+        deadline = time.monotonic() + timeout
+        while len(ray_call(ray.wait, refs, num_returns=len(refs), timeout=0)[0]) < len(refs):  # see ray_call
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the attacker workers did not start within {timeout:g} s")
+            time.sleep(POLL_SECONDS)
+        return ray_call(ray.get, refs)
 
     def tasks(self, observed: list[ObservedUpdate],
               attack_indices: list[int] | None = None) -> list[tuple[int, int, list[ObservedUpdate]]]:
@@ -283,16 +314,26 @@ class AttackerPool:
             self.on_round_done(server_round)
 
     def _launch(self, task: _Task) -> None:
-        if self._ray_gone():  # a Ray call now would start a new Ray; the update is queued on disk for --resume
+        if self._aborted:
+            return
+        try:
+            ref = ray_call(self._actors[task.worker].run.remote, task.batch, task.attack_index)
+        except RayGone:  # the update stays queued on disk for --resume
             return
         with self._cv:
             self._seq += 1
             task.seq, task.started = self._seq, None
-            self._pending[self._actors[task.worker].run.remote(task.batch, task.attack_index)] = task
+            self._pending[ref] = task
             self._cv.notify_all()
 
     # -- collection -------------------------------------------------------------------------------------------
     def _collect(self) -> None:
+        try:
+            self._collect_results()
+        except RayGone:
+            self._stop_without_ray()
+
+    def _collect_results(self) -> None:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
@@ -304,13 +345,21 @@ class AttackerPool:
                     return
                 refs = list(self._pending)
             try:
-                ready, _ = ray.wait(refs, num_returns=1, timeout=0.5)
+                ready, _ = ray_call(ray.wait, refs, num_returns=len(refs), timeout=0)  # polled: see ray_call
+            except RayGone:
+                raise
             except Exception:  # noqa: BLE001 - Ray went away under an interrupted run: stop quietly
                 if self._ray_gone():
                     return self._stop_without_ray()
                 raise
             if self._ray_gone():
                 return self._stop_without_ray()
+            if not ready:
+                if self.timeout is not None:
+                    self._enforce_timeout()
+                with self._cv:
+                    self._cv.wait(timeout=POLL_SECONDS)
+                continue
             for ref in ready:
                 # a call leaves _pending only once its rows are recorded or its retry is in flight, so drain()
                 # never returns while a row is still on its way
@@ -319,7 +368,9 @@ class AttackerPool:
                 if task is None:  # timed out and recorded already
                     continue
                 try:
-                    results = ray.get(ref)
+                    results = ray_call(ray.get, ref)
+                except RayGone:
+                    raise
                 except RayTaskError as err:  # the attack itself raised: that is its row
                     results = [(i, task.key, err) for i in range(len(task.batch))]
                 except Exception as err:  # noqa: BLE001 - Ray failed, not the attack: no row says otherwise
@@ -329,7 +380,10 @@ class AttackerPool:
                         self._errors.append(err)  # the run fails loudly; its queued updates are attacked on --resume
                         self._settle(ref)
                         continue
-                    if task.retries > 0:  # the actor died under this call (or was restarting): retry once
+                    if err.actor_init_failed:  # the worker cannot start there (a plugin missing on that node, ...)
+                        err = AttackerStartError(f"attacker worker {task.worker} could not start: "
+                                                 f"{str(err).strip().splitlines()[-1]}")
+                    elif task.retries > 0:  # the actor died under this call (or was restarting): retry once
                         task.retries -= 1
                         log.warning("attacker worker %d died during %s (round %d); retrying once", task.worker,
                                     task.key, task.batch[0].round)
@@ -370,12 +424,15 @@ class AttackerPool:
         import ray
 
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                ray.get(self._actors[worker].ping.remote(), timeout=10)
-                return
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                time.sleep(0.5)
+        ping = ray_call(self._actors[worker].ping.remote)
+        while time.monotonic() < deadline and not self._aborted:
+            if ray_call(ray.wait, [ping], timeout=0)[0]:
+                try:
+                    ray_call(ray.get, ping)
+                    return
+                except ray.exceptions.RayActorError:  # still restarting: ask again
+                    ping = ray_call(self._actors[worker].ping.remote)
+            time.sleep(POLL_SECONDS)
 
     def _enforce_timeout(self) -> None:
         """The oldest call of each actor is the one running: if it has run past ``timeout``, its rows become
@@ -399,7 +456,7 @@ class AttackerPool:
             log.warning("%s; restarting attacker worker %d", err, task.worker)
             self._deliver(task.batch, [(i, task.key, err) for i in range(len(task.batch))])
             self._settle(ref)
-            ray.kill(self._actors[task.worker], no_restart=False)
+            ray_call(ray.kill, self._actors[task.worker], no_restart=False)
             time.sleep(1.0)  # the kill is asynchronous
             self._await_restart(task.worker)
             with self._cv:  # calls queued behind it have not run yet: their clocks start when they do

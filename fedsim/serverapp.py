@@ -64,7 +64,7 @@ class RunInterrupted(Exception):
 
 
 class FederationSizeError(ConfigError):
-    """The Flower federation has a different number of nodes than the experiment has clients."""
+    """The Flower federation has a different number of nodes than the run config has clients."""
 
 
 def _wait_for_nodes(grid: Grid, expected: int, timeout: float = 300.0, settle: float = 5.0) -> list[int]:

@@ -1,6 +1,6 @@
 """Sweeps: one federation run per point of a grid over config keys, their rows collected into one table.
 
-A sweep file names a base experiment and its axes::
+A sweep file names a base run config and its axes::
 
     base = "quickstart.toml"              # relative to the sweep file
     name = "noise_vs_batch"
@@ -172,7 +172,7 @@ def load_sweep(path: Path, overrides: list[str] | None = None) -> Sweep:
         raise ConfigError(_format_validation_error(err).replace("invalid config", f"invalid sweep {path}")) from None
     sweep = Sweep(spec, path, Path(spec.output_dir) / spec.name)
     if not sweep.base.is_file():
-        raise ConfigError(f"base: experiment file not found: {sweep.base}")
+        raise ConfigError(f"base: run config file not found: {sweep.base}")
     extra: dict[str, Any] = {}
     for assignment in overrides or []:
         probe: dict = {}
@@ -203,7 +203,7 @@ def _dig(raw: dict, key: str) -> Any:
 
 
 def point_arguments(sweep: Sweep, point: Point) -> list[str]:
-    """The ``--set`` assignments that make the base experiment this point (its name and directory included)."""
+    """The ``--set`` assignments that make the base run config this point (its name and directory included)."""
     assignments = [f"{k}={toml_value(v)}" for k, v in point.overrides.items()]
     assignments += [f"output_dir={toml_value(str(point.directory.parent))}",
                     f"name={toml_value(point.directory.name)}"]

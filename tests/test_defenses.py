@@ -130,7 +130,7 @@ def test_fedbn_keeps_batchnorm_local_across_rounds_in_a_real_federation(tmp_path
     from fedsim.client import choose_samples, client_round
     from fedsim.config import load_config
     from fedsim.clientapp import ClientSide, _client_process_state
-    from fedsim.driver import run_experiment
+    from fedsim.driver import run_federation
     from fedsim.federation import prepare
 
     cfg = load_config("experiments/quickstart.toml", [
@@ -138,7 +138,7 @@ def test_fedbn_keeps_batchnorm_local_across_rounds_in_a_real_federation(tmp_path
         "federation.rounds=2", 'model.name="convnet"', "model.width=8", 'client.mode="fedavg"',
         "client.batch_size=4", "client.num_samples=8", "client.lr=0.05", "data.test_samples=50", "attacks=[]",
         "attack.clients_per_round=0", 'defenses=[{name="fedbn"}]', "seed=2"])
-    store = run_experiment(cfg, show_progress=False)
+    store = run_federation(cfg, show_progress=False)
     saved = [{k: torch.from_numpy(v) for k, v in store.checkpoints.load(r).items()} for r in (0, 1, 2)]
     fedbn = cfg.build_defenses()[0]
     side = ClientSide.of(prepare(cfg))

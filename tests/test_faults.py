@@ -8,7 +8,7 @@ import pytest
 
 from fedsim.config import load_config
 from fedsim.contract import ThreatModel
-from fedsim.driver import run_experiment
+from fedsim.driver import run_federation
 from fedsim.pool import AttackerPool
 from observed import updates
 from strategies.reproducible import ClientFailure
@@ -68,10 +68,21 @@ def test_an_attack_past_its_timeout_becomes_a_failed_row_and_the_worker_recovers
     pool.close()
 
 
-def test_ray_shut_down_under_a_running_attack_writes_no_row_and_starts_no_new_ray(outside, ray_local, tmp_path):
+def test_ray_shut_down_under_a_running_attack_writes_no_row_and_starts_no_new_ray(outside, ray_local, tmp_path,
+                                                                                  monkeypatch):
     """What Ctrl-C does under ``fedsim run``: Flower's runtime shuts Ray down before the interrupt reaches fedsim. The
     attack in flight must not become an error row (``--resume`` skips updates that have a row, so it would never be
-    attacked), no Ray call may follow (it would start a new Ray), and ``drain`` says why instead of waiting."""
+    attacked), no Ray call may follow (it would start a new Ray), and ``drain`` says why instead of waiting. The
+    collector only polls Ray (timeout 0): a shutdown from another thread tears Ray's core worker down under any thread
+    blocked inside it, which can kill the whole process (ray-project/ray#31145)."""
+    waits = []
+    real_wait = ray_local.wait
+
+    def recorded_wait(*args, **kwargs):
+        waits.append(kwargs.get("timeout"))
+        return real_wait(*args, **kwargs)
+
+    monkeypatch.setattr(ray_local, "wait", recorded_wait)
     starts = tmp_path / "starts.txt"
     rows = Rows()
     pool = AttackerPool([{"name": "outside_sleep", "seconds": 30, "started_file": str(starts)}], ThreatModel(), rows,
@@ -86,6 +97,7 @@ def test_ray_shut_down_under_a_running_attack_writes_no_row_and_starts_no_new_ra
         pool.close()
     assert rows.rows == []
     assert not ray_local.is_initialized()
+    assert waits and set(waits) == {0}, waits
 
 
 def client_fault_config(tmp_path, name, *overrides):
@@ -96,7 +108,7 @@ def client_fault_config(tmp_path, name, *overrides):
 
 
 def test_a_client_that_raises_is_recorded_and_the_round_aggregates_the_others(tmp_path, data_dir, outside):
-    store = run_experiment(client_fault_config(tmp_path, "skip"), show_progress=False)
+    store = run_federation(client_fault_config(tmp_path, "skip"), show_progress=False)
     rounds = store.rounds.frame()
     assert list(rounds["round"]) == [0, 1, 2, 3] and rounds["model_checksum"].nunique() == 4
     failures = pd.read_parquet(store.root / "failures.parquet")
@@ -110,5 +122,5 @@ def test_a_client_that_raises_is_recorded_and_the_round_aggregates_the_others(tm
 def test_a_client_that_raises_can_stop_the_run_naming_client_and_round(tmp_path, data_dir, outside):
     cfg = client_fault_config(tmp_path, "stop", 'federation.on_client_error="stop"')
     with pytest.raises(ClientFailure, match=r"client 1 failed in round 2: .*injected fault"):
-        run_experiment(cfg, show_progress=False)
+        run_federation(cfg, show_progress=False)
     assert list(pd.read_parquet(tmp_path / "stop" / "rounds.parquet")["round"]) == [0, 1]

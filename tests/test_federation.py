@@ -11,7 +11,7 @@ import torch
 from fedsim.backlog import audit_from_record
 from fedsim.config import load_config
 from fedsim.contract import AuditRecord, ObservedUpdate
-from fedsim.driver import run_experiment
+from fedsim.driver import run_federation
 
 pytestmark = pytest.mark.ray
 
@@ -40,7 +40,7 @@ def test_tee_and_attacks_leave_the_global_model_bit_identical(tmp_path, referenc
 
     cfg = load_config(ROOT / "experiments" / "quickstart.toml",
                       [f'output_dir="{tmp_path}"', 'name="off"', *OVERRIDES, "attacks=[]"])
-    off = run_experiment(cfg, show_progress=False)
+    off = run_federation(cfg, show_progress=False)
     rounds_on, rounds_off = pd.read_parquet(reference / "rounds.parquet"), off.rounds.frame()
     assert list(rounds_on["round"]) == list(range(ROUNDS + 1))
     assert list(rounds_on["model_checksum"]) == list(rounds_off["model_checksum"])
@@ -100,7 +100,7 @@ def test_attacks_receive_only_what_the_server_observes(tmp_path, data_dir, spy, 
     cfg = small_config(tmp_path, "spy", f'attacks=[{{name="outside_spy", record_to="{seen}", queue="{queue}"}}]',
                        'threat.labels="known"', "client.batch_size=2", "attack.workers=1",
                        'defenses=[{name="topk", fraction=0.5}]')
-    store = run_experiment(cfg, show_progress=False)
+    store = run_federation(cfg, show_progress=False)
     calls = sorted(seen.iterdir())
     observed = [obs for call in calls for obs in pickle.loads((call / "observed.pkl").read_bytes())]
     assert len(observed) == 4 and not spy  # they reached the actor's process, not this one's
@@ -136,7 +136,7 @@ def test_shared_batchnorm_statistics_reach_the_attacker_through_flower(tmp_path,
     cfg = small_config(tmp_path, "bn", 'attacks=[{name="outside_spy"}]', 'attack.executor="inline"',
                        'model.name="convnet"', "model.width=4", "client.batch_size=2",
                        'defenses=[{name="share_bn_stats"}]', "federation.rounds=1")
-    run_experiment(cfg, show_progress=False)
+    run_federation(cfg, show_progress=False)
     assert len(SEEN) == 2
     from fedsim.models import build_model
 
@@ -148,7 +148,7 @@ def test_shared_batchnorm_statistics_reach_the_attacker_through_flower(tmp_path,
         assert mean.shape == (4,) and var.shape == (4,) and (var >= 0).all()
     # without the defense the same threat switch shares nothing
     SEEN.clear()
-    run_experiment(small_config(tmp_path, "nobn", 'attacks=[{name="outside_spy"}]', 'attack.executor="inline"',
+    run_federation(small_config(tmp_path, "nobn", 'attacks=[{name="outside_spy"}]', 'attack.executor="inline"',
                                 'model.name="convnet"', "model.width=4", "federation.rounds=1"), show_progress=False)
     assert all("bn_stats" not in obs.shared for obs in SEEN)
 
@@ -170,7 +170,7 @@ def test_the_attack_chain_replays_a_real_fedavg_client_to_float_precision(tmp_pa
                        'model.name="convnet"', "model.width=4", 'client.mode="fedavg"', "client.epochs=2",
                        "client.batch_size=2", "client.num_samples=4", "client.lr=0.05",
                        'defenses=[{name="share_bn_stats"}]')
-    run_experiment(cfg, show_progress=False)
+    run_federation(cfg, show_progress=False)
     fed, threat = prepare(cfg), cfg.threat_model()
     late = [obs for obs in SEEN if obs.round == 2]
     assert len(late) == 2
@@ -232,8 +232,8 @@ def test_secure_aggregation_shows_the_tee_only_the_exact_aggregate_and_leaves_fe
     common = ['attack.executor="inline"', "client.batch_size=2", "seed=4"]
     cfg = small_config(tmp_path, "secagg", 'attacks=[{name="outside_spy"}]', "threat.secure_aggregation=true",
                        *common)
-    store = run_experiment(cfg, show_progress=False)
-    plain = run_experiment(small_config(tmp_path, "plain", "attacks=[]", *common), show_progress=False)
+    store = run_federation(cfg, show_progress=False)
+    plain = run_federation(small_config(tmp_path, "plain", "attacks=[]", *common), show_progress=False)
     assert list(store.rounds.frame()["model_checksum"]) == list(plain.rounds.frame()["model_checksum"])
     rows = store.leakage.frame()
     assert list(rows["client_id"]) == [-1, -1] and list(rows["round"]) == [1, 2]  # no per-client rows

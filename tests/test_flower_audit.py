@@ -23,7 +23,7 @@ from fedsim.audit.app import DeclaredRecipe, _Recorder
 from fedsim.audit.auditor import AuditPlan, Auditor, PoolSettings
 from fedsim.contract import ModelSpec, ServerView, ThreatModel
 from fedsim.flwr_local import flwr_env, flwr_run, processes_mentioning, stop_processes_mentioning
-from fedsim.protocol import SIDE, Exchange, read_side
+from fedsim.protocol import SIDE, Exchange, arrays_to_numpy, read_side
 from fedsim.results import RunDirectory, batch_file_name, model_checksum
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "flower-app"
@@ -387,3 +387,129 @@ def test_audit_mod_records_the_batches_only_when_the_audit_attacks_something(tmp
     unaudited = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={"fedsim-audit": ""})
     msg = Message(RecordDict({"config": ConfigRecord({"lr": 0.1})}), dst_node_id=2, message_type="train")
     assert SIDE not in audit_mod(msg, unaudited, train).content  # not audited: the reply as the app made it
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Flower's own strategies inside `audited`, driven round by round in this process with real Messages
+
+
+class _Nodes:
+    """The two nodes a Grid reports (all the strategies' sampling asks of it here)."""
+
+    def get_node_ids(self):
+        return [1, 2]
+
+
+def _strategies():
+    from flwr.serverapp import strategy as fl
+
+    def dp(wrapper, **kwargs):
+        return lambda: wrapper(fl.FedAvg(), noise_multiplier=0.5, num_sampled_clients=2, **kwargs)
+
+    return {
+        "FedAvg": fl.FedAvg,
+        "FedProx": lambda: fl.FedProx(proximal_mu=0.1),
+        "FedAdam": lambda: fl.FedAdam(eta=0.05),
+        "FedYogi": fl.FedYogi,
+        "ServerSideFixedClipping": dp(fl.DifferentialPrivacyServerSideFixedClipping, clipping_norm=1.0),
+        "ClientSideFixedClipping": dp(fl.DifferentialPrivacyClientSideFixedClipping, clipping_norm=1.0),
+        "ServerSideAdaptiveClipping": dp(fl.DifferentialPrivacyServerSideAdaptiveClipping, clipped_count_stddev=1.0),
+        "ClientSideAdaptiveClipping": dp(fl.DifferentialPrivacyClientSideAdaptiveClipping, clipped_count_stddev=1.0),
+    }
+
+
+def _federate(strategy, rounds: int, images: torch.Tensor | None) -> list[dict[str, np.ndarray]]:
+    """``rounds`` rounds of the two nodes of :class:`_Nodes` through ``strategy`` with real Messages (each client's
+    local model: what it was sent plus a fixed step); ``images``: the batch each client records (audit_mod's side
+    channel), None for an app without the audit. The global model after each round."""
+    import random
+
+    from flwr.app import Message
+    from flowerapp.task import Net
+
+    random.seed(0), np.random.seed(0)
+    torch.manual_seed(0)
+    arrays, models = ArrayRecord(Net().state_dict()), []
+    for server_round in range(1, rounds + 1):
+        sent = list(strategy.configure_train(server_round, arrays, ConfigRecord({"lr": 0.05}), _Nodes()))
+        replies = []
+        for msg in sent:
+            node = msg.metadata.dst_node_id
+            step = torch.Generator().manual_seed(100 * server_round + node)
+            local = {k: v + 0.01 * torch.randn(v.shape, generator=step, dtype=v.dtype)
+                     for k, v in msg.content["arrays"].to_torch_state_dict().items()}
+            content = RecordDict({"arrays": ArrayRecord(local),
+                                  "metrics": MetricRecord({"num-examples": 1, "norm_bit": node % 2})})
+            if images is not None:
+                recorder = _Recorder()
+                recorder.add(images[node - 1], torch.tensor([node]))
+                content[SIDE] = recorder.record(node - 1)
+            replies.append(Message(content, reply_to=msg))
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        models.append({k: v.copy() for k, v in arrays_to_numpy(arrays).items()})
+    return models
+
+
+@pytest.fixture
+def in_process(tmp_path, monkeypatch, outside):
+    """Real Messages outside a Flower run, the example app importable, the audit file written by the test."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+    def write(attacks: str, attacker: str) -> None:
+        (tmp_path / "audit.toml").write_text(f'model = "flowerapp.task:Net"\nattacks = {attacks}\n'
+                                             'attacked_per_round = 2\nname = "audit"\n'
+                                             '[recipe]\nlr = "config:lr"\nlocal_epochs = 1\nbatch_size = 1\n'
+                                             f'[attacker]\n{attacker}\n')
+    return write
+
+
+@pytest.mark.parametrize("name", list(_strategies()))
+def test_flowers_strategies_compute_the_same_models_audited_and_every_reply_is_audited(name, tmp_path, in_process):
+    """Three rounds of two clients through the strategy alone and through ``audited(strategy)``: the global models
+    are bit-identical (server optimiser state and DP noise included, under the same seed: the audit draws nothing
+    from the global generators), and the audit writes a row per reply and round."""
+    in_process('[{ name = "outside_mean" }]', 'executor = "inline"')
+    plain = _federate(_strategies()[name](), 3, None)
+    wrapped = audited(_strategies()[name](), context({"fedsim-audit": "audit.toml"}), app_dir=tmp_path)
+    try:
+        seen = _federate(wrapped, 3, torch.rand(2, 1, 3, 32, 32))
+    finally:
+        wrapped.close()
+    for a, b in zip(plain, seen):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert not all(np.array_equal(plain[0][k], plain[2][k]) for k in plain[0])  # the model moved
+    rows = pd.read_parquet(tmp_path / "fedsim-audits" / "audit" / "leakage.parquet")
+    assert sorted(zip(rows["round"], rows.client_id)) == [(r, c) for r in (1, 2, 3) for c in (0, 1)]
+    assert (rows.status == "ok").all()
+
+
+@pytest.mark.ray
+def test_a_hung_attack_neither_slows_the_users_rounds_nor_loses_the_others_rows(tmp_path, in_process, ray_local):
+    """An attack that never returns, on the attacker's Ray: the strategy's rounds go on at the tee's pace, the
+    attack becomes an error row at ``[attacker] timeout`` and the attack queued behind it still gets its rows."""
+    import time
+
+    from flwr.serverapp.strategy import FedAvg
+
+    in_process('[{ name = "outside_sleep", seconds = 3600 }, { name = "outside_mean" }]',
+               'executor = "ray"\nworkers = 1\ntimeout = 4')
+    wrapped = audited(FedAvg(), context({"fedsim-audit": str(tmp_path / "audit.toml")}), app_dir=EXAMPLE)
+    try:
+        t0 = time.monotonic()
+        _federate(wrapped, 2, torch.rand(2, 1, 3, 32, 32))
+        rounds_took = time.monotonic() - t0
+    finally:
+        wrapped.close()  # waits for every attack: the hung one ends at its timeout
+    assert rounds_took < 4, rounds_took  # both rounds done before the first timeout fired
+    rows = pd.read_parquet(tmp_path / "fedsim-audits" / "audit" / "leakage.parquet")
+    assert len(rows) == 2 * 2 * 2  # rounds x clients x attacks
+    hung, other = rows[rows.attack == "outside_sleep"], rows[rows.attack == "outside_mean"]
+    assert (hung.status == "error").all() and hung.error.str.contains("attack.timeout=4").all()
+    assert (other.status == "ok").all()
+    assert ray_local.is_initialized()  # the audit used the Ray it found and left it up

@@ -99,12 +99,12 @@ def test_client_dp_refuses_a_batchnorm_victim_before_the_run(data_dir):
 def test_the_epsilon_column_of_a_real_run_equals_the_rdp_accountant(tmp_path, data_dir):
     from opacus.accountants import RDPAccountant
 
-    from fedsim.driver import run_experiment
+    from fedsim.driver import run_federation
 
     cfg = load_config("experiments/quickstart.toml", SMALL + [
         f'output_dir="{tmp_path}"', 'name="dp"', 'defenses=[{name="client_dp", clip=0.5, epsilon=20.0}]',
         'federation.sampling="poisson"', "attack.clients_per_round=0", "seed=15"])
-    store = run_experiment(cfg, show_progress=False)
+    store = run_federation(cfg, show_progress=False)
     rounds = pd.read_parquet(store.root / "rounds.parquet")
     assert list(rounds["round"]) == [0, 1, 2, 3]
     nm = cfg.defenses[0]["noise_multiplier"]
@@ -120,7 +120,7 @@ def test_the_epsilon_column_of_a_real_run_equals_the_rdp_accountant(tmp_path, da
     # A run killed between rounds 2 and 3 (round 3's checkpoint never written) and resumed: the ledger continues
     # from the two released rounds, it does not restart (a restarted one would report one round's epsilon).
     (store.root / "checkpoints" / "round_003.pt").unlink()
-    resumed = pd.read_parquet(run_experiment(cfg, mode="resume", show_progress=False).root / "rounds.parquet")
+    resumed = pd.read_parquet(run_federation(cfg, mode="resume", show_progress=False).root / "rounds.parquet")
     assert list(resumed["round"]) == [0, 1, 2, 3]
     assert resumed["epsilon"].iloc[3] == pytest.approx(rounds["epsilon"].iloc[3], rel=1e-12)
     assert resumed["model_checksum"].iloc[3] == checks[3]
@@ -171,14 +171,14 @@ def test_dp_sgd_clips_each_example_and_adds_the_stated_noise(cifar_test):
 def test_dp_sgd_clients_train_and_report_epsilon(tmp_path, data_dir):
     from opacus.accountants import RDPAccountant
 
-    from fedsim.driver import run_experiment
+    from fedsim.driver import run_federation
 
     cfg = load_config("experiments/quickstart.toml", SMALL + [
         f'output_dir="{tmp_path}"', 'name="dpsgd"', 'client.mode="fedavg"', "client.batch_size=2",
         "client.num_samples=8", "client.epochs=1", "client.lr=0.05",
         'defenses=[{name="dp_sgd", clip=1.0, noise_multiplier=1.2}]', "attack.clients_per_round=1",
         'attacks=[{name="inverting_gradients", iterations=20, restarts=1}]'])
-    store = run_experiment(cfg, show_progress=False)
+    store = run_federation(cfg, show_progress=False)
     rounds = pd.read_parquet(store.root / "rounds.parquet")
     reference = RDPAccountant()
     for r in (1, 2, 3):
