@@ -67,7 +67,7 @@ def label_candidates(observed: ObservedUpdate, threat: ThreatModel) -> dict[str,
     model = public_model(observed)
     methods = ["idlg"] if observed.num_examples == 1 else []
     out = {}
-    for method in methods + ["yin", "count"]:
+    for method in methods + ["yin", "count", "llg", "ilrg"]:
         try:
             out[method] = recover_with(method, observed, cfg, model)
         except ValueError:  # e.g. no classifier bias and no feature statistics

@@ -26,6 +26,16 @@ class LabelEvidence:
     num_images: int
     mean_probs: torch.Tensor | None = None  # [classes]: the public model's mean softmax on probe inputs
     mean_feature_sum: float | None = None  # mean over probe inputs of sum_j h_j
+    classifier: Callable[[torch.Tensor], torch.Tensor] | None = None  # features -> logits: the public last layer
+
+
+@dataclass
+class ModelEvidence:
+    """What the public model itself says, computed by a probe (no client data)."""
+
+    mean_probs: torch.Tensor  # [classes]: mean softmax on probe inputs
+    mean_feature_sum: float  # mean over probe inputs of sum_j h_j (the classifier's input)
+    classifier: Callable[[torch.Tensor], torch.Tensor]  # features -> logits, the public last Linear layer
 
 
 LabelMethod = Callable[[LabelEvidence], torch.Tensor]
@@ -72,12 +82,61 @@ def count(ev: LabelEvidence) -> torch.Tensor:
     estimate = (ev.num_images * (ev.mean_probs.to(g) - g)).clamp_min(0)
     if float(estimate.sum()) <= 0:
         estimate = (-g).clamp_min(0) + 1e-12
-    estimate = estimate * (ev.num_images / estimate.sum())
+    return labels_from_counts(estimate, ev.num_images)
+
+
+def labels_from_counts(estimate: torch.Tensor, num_images: int) -> torch.Tensor:
+    """Real-valued class counts -> ``num_images`` sorted labels: scaled to the batch size, rounded by largest
+    remainder (so every method that estimates counts rounds the same way)."""
+    estimate = estimate.clamp_min(0)
+    if float(estimate.sum()) <= 0:
+        raise ValueError("no class has a positive count estimate")
+    estimate = estimate * (num_images / estimate.sum())
     counts = estimate.floor().long()
-    missing = ev.num_images - int(counts.sum())
+    missing = num_images - int(counts.sum())
     if missing > 0:
         counts[(estimate - counts).topk(missing).indices] += 1
     return torch.repeat_interleave(torch.arange(len(counts)), counts)
+
+
+@register_label_method("ilrg")
+def ilrg(ev: LabelEvidence) -> torch.Tensor:
+    """iLRG (Wang et al., ICLR 2023): per-class counts from the batch-averaged gradient. Row ``c`` of the weight
+    gradient over the bias gradient is the ``(p - y)``-weighted mean feature of the batch, dominated by the class-``c``
+    images when they are present (exactly their mean feature for an untrained, near-uniform model). Through the
+    public classifier it gives the mean softmax ``q_c`` of those images, and the bias gradient is linear in the
+    counts: ``B g_i = sum_c k_c q_c[i] - k_i`` with ``sum_c k_c = B``, solved by least squares and rounded."""
+    if ev.bias_grad is None or ev.classifier is None:
+        raise ValueError("ilrg needs the classifier's bias gradient and the public classifier")
+    g = ev.bias_grad
+    safe = torch.where(g.abs() > 1e-30, g, torch.full_like(g, 1e-30))
+    features = ev.weight_grad / safe[:, None]  # [classes, features]
+    with torch.no_grad():
+        q = ev.classifier(features.to(torch.get_default_dtype())).double().softmax(-1)  # [classes c, classes i]
+    classes = len(g)
+    system = torch.cat([torch.ones(1, classes, dtype=torch.float64), q.T - torch.eye(classes, dtype=torch.float64)])
+    target = torch.cat([torch.tensor([float(ev.num_images)], dtype=torch.float64), ev.num_images * g.double()])
+    counts = torch.linalg.lstsq(system, target[:, None]).solution[:, 0]
+    return labels_from_counts(counts, ev.num_images)
+
+
+@register_label_method("llg")
+def llg(ev: LabelEvidence) -> torch.Tensor:
+    """LLG (Wainakh et al., PETS 2022), the heuristic without a model: every class whose weight-gradient row sums
+    negative is present once; each recovered label then lifts its class's sum by the mean impact of one image (the
+    negative mass over the batch size) and the next label is the class with the most negative sum left."""
+    sums = ev.weight_grad.sum(dim=1).clone()
+    present = torch.nonzero(sums < 0).flatten()
+    if len(present) == 0:
+        raise ValueError("llg: no class has a negative weight-gradient sum")
+    impact = float(sums[present].sum()) / ev.num_images
+    labels = present[sums[present].argsort()][: ev.num_images].tolist()
+    sums[present] -= impact
+    while len(labels) < ev.num_images:
+        chosen = int(sums.argmin())
+        labels.append(chosen)
+        sums[chosen] -= impact
+    return torch.tensor(sorted(labels))
 
 
 @register_label_method("auto")
@@ -97,20 +156,23 @@ def last_linear(update: dict[str, np.ndarray], num_classes: int) -> tuple[str, s
 
 
 def label_evidence(update: dict[str, np.ndarray], num_classes: int, num_images: int, *, lr: float = 1.0,
-                   steps: int = 1, probe: Callable[[], tuple[torch.Tensor, float]] | None = None) -> LabelEvidence:
+                   steps: int = 1, probe: Callable[[], ModelEvidence] | None = None) -> LabelEvidence:
     """Evidence from a parameter update (new minus old weights) of ``steps`` SGD steps at rate ``lr``."""
     w_key, b_key = last_linear(update, num_classes)
     scale = -1.0 / (lr * steps)
     # np.array copies: arrays that came through Ray's object store are read-only views
     weight_grad = scale * torch.from_numpy(np.array(update[w_key], dtype=np.float64))
     bias_grad = scale * torch.from_numpy(np.array(update[b_key], dtype=np.float64)) if b_key else None
-    mean_probs, feature_sum = probe() if probe is not None else (None, None)
-    return LabelEvidence(weight_grad, bias_grad, num_images, mean_probs, feature_sum)
+    model = probe() if probe is not None else None
+    if model is None:
+        return LabelEvidence(weight_grad, bias_grad, num_images)
+    return LabelEvidence(weight_grad, bias_grad, num_images, model.mean_probs, model.mean_feature_sum,
+                         model.classifier)
 
 
 def recover_labels(update: dict[str, np.ndarray], num_classes: int, num_images: int, method: str = "auto", *,
                    lr: float = 1.0, steps: int = 1,
-                   probe: Callable[[], tuple[torch.Tensor, float]] | None = None) -> np.ndarray:
+                   probe: Callable[[], ModelEvidence] | None = None) -> np.ndarray:
     """Recover ``num_images`` labels from a parameter update with a registered method."""
     fn = lookup(LABEL_METHODS, method, "label method")
     ev = label_evidence(update, num_classes, num_images, lr=lr, steps=steps, probe=probe)
@@ -118,11 +180,11 @@ def recover_labels(update: dict[str, np.ndarray], num_classes: int, num_images: 
 
 
 def model_probe(model: torch.nn.Module, image_shape: tuple[int, int, int], samples: int = 64,
-                seed: int = 0) -> Callable[[], tuple[torch.Tensor, float]]:
+                seed: int = 0) -> Callable[[], ModelEvidence]:
     """A lazy probe of the public model on Gaussian inputs (in normalised space): mean softmax and mean feature sum
-    entering the classifier (the last Linear layer)."""
+    entering the classifier (the last Linear layer), and that layer itself."""
 
-    def run() -> tuple[torch.Tensor, float]:
+    def run() -> ModelEvidence:
         probe_model = copy.deepcopy(model).train()  # train mode like the client; the copy keeps BN buffers intact
         linear = [m for m in probe_model.modules() if isinstance(m, torch.nn.Linear)][-1]
         captured: list = []
@@ -130,6 +192,7 @@ def model_probe(model: torch.nn.Module, image_shape: tuple[int, int, int], sampl
         x = torch.randn(samples, *image_shape, generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
             probs = probe_model(x).softmax(-1).mean(0).double()
-        return probs, float(captured[0].sum(dim=1).mean())
+        linear.eval().requires_grad_(False)
+        return ModelEvidence(probs, float(captured[0].sum(dim=1).mean()), linear)
 
     return run

@@ -114,6 +114,30 @@ def test_count_method_recovers_repeated_labels(data_dir):
     assert np.mean(scores["yin"]) <= 0.625  # distinct-label methods cannot express repeats (4 distinct of 8)
 
 
+def test_ilrg_recovers_exact_counts_on_an_untrained_victim_at_batch_8(data_dir):
+    """iLRG (Wang et al. 2023) recovers the exact number of images per class from one batch-averaged gradient of an
+    untrained victim with repeated labels, where distinct-label methods cannot; LLG's heuristic gets most labels."""
+    from fedsim.data import load_dataset
+
+    data = load_dataset("cifar10", "train")
+    rng = np.random.default_rng(0)
+    scores = {"ilrg": [], "llg": [], "yin": []}
+    for trial in range(4):
+        labels = torch.tensor(sorted(rng.integers(0, 10, 8).tolist()))
+        seen: dict[int, int] = {}
+        idx = []
+        for c in labels.tolist():
+            idx.append(int(np.flatnonzero(data.labels == c)[trial * 40 + seen.get(c, 0)]))
+            seen[c] = seen.get(c, 0) + 1
+        update, _ = _update(build_model("convnet", 10, width=16, seed=trial), data.model_input(idx), labels)
+        probe = model_probe(build_model("convnet", 10, width=16, seed=trial), (3, 32, 32))
+        for method in scores:
+            got = recover_labels(update, 10, 8, method, lr=0.1, probe=probe)
+            scores[method].append(label_accuracy(got, labels.numpy()))
+    assert scores["ilrg"] == [1.0] * 4, scores  # every count exact
+    assert np.mean(scores["llg"]) >= 0.8 and np.mean(scores["yin"]) < 0.8, scores
+
+
 def test_registration_recovers_a_known_shift(cifar_test):
     images = cifar_test.unit_tensor([0, 1, 2, 3])
     shifts = torch.tensor([[3.0, -2.0], [1.0, 1.0], [-2.0, 0.0], [0.0, 2.5]])
