@@ -45,6 +45,7 @@ RecordFn = Callable[[ObservedUpdate, str, Outcome], object]
 log = logging.getLogger("fedsim")
 ROUND_FILE = re.compile(r"round_(\d+)\.pt$")
 POLL_SECONDS = 0.1  # how often the collector polls Ray for finished attack calls
+CONTROL = "control"  # an attacker actor's second thread: pings and placement, answered while an attack runs
 
 
 class RayGone(RuntimeError):
@@ -177,6 +178,7 @@ class _Task:
     seq: int  # submission order (an actor runs its calls in this order)
     retries: int = 1  # resubmissions left after the actor died under it
     started: float | None = None  # when it became its actor's oldest call (the one running)
+    queued_at_kill: bool = False  # lost, still queued, when a timeout killed its actor: resent without spending a retry
 
 
 class AttackTimeout(TimeoutError):
@@ -228,7 +230,7 @@ class AttackerPool:
         # Ray restarts a dead actor (killed, out of memory, or by a timeout here); its __init__ reloads the newest
         # saved attacker state. Calls lost with it are resubmitted once by the collector, then become error rows.
         remote = ray.remote(num_cpus=0, num_gpus=gpus_per_worker, resources=dict(resources or {}),
-                            max_restarts=-1, max_task_retries=0)(AttackWorker)
+                            max_restarts=-1, max_task_retries=0, concurrency_groups={CONTROL: 1})(AttackWorker)
         self.workers = workers
         self._actors = [remote.remote(attack_specs, threat, device, threads, seed_root, state, w, learn, python_path)
                         for w in range(workers)]
@@ -246,7 +248,7 @@ class AttackerPool:
             return [self._inline.where()]
         import ray
 
-        refs = [ray_call(actor.where.remote) for actor in self._actors]
+        refs = [ray_call(actor.where.options(concurrency_group=CONTROL).remote) for actor in self._actors]
         deadline = time.monotonic() + timeout
         while len(ray_call(ray.wait, refs, num_returns=len(refs), timeout=0)[0]) < len(refs):  # see ray_call
             if time.monotonic() > deadline:
@@ -383,10 +385,13 @@ class AttackerPool:
                     if err.actor_init_failed:  # the worker cannot start there (a plugin missing on that node, ...)
                         err = AttackerStartError(f"attacker worker {task.worker} could not start: "
                                                  f"{str(err).strip().splitlines()[-1]}")
-                    elif task.retries > 0:  # the actor died under this call (or was restarting): retry once
-                        task.retries -= 1
-                        log.warning("attacker worker %d died during %s (round %d); retrying once", task.worker,
-                                    task.key, task.batch[0].round)
+                    elif task.queued_at_kill or task.retries > 0:  # the actor died under it: retry once
+                        if task.queued_at_kill:
+                            task.queued_at_kill = False
+                        else:
+                            task.retries -= 1
+                            log.warning("attacker worker %d died during %s (round %d); retrying once", task.worker,
+                                        task.key, task.batch[0].round)
                         self._await_restart(task.worker)
                         self._launch(task)
                         self._settle(ref)
@@ -424,14 +429,19 @@ class AttackerPool:
         import ray
 
         deadline = time.monotonic() + timeout
-        ping = ray_call(self._actors[worker].ping.remote)
+        # the ping runs in the actor's control thread: it is answered at once, not after the attack calls that
+        # Ray held back during the restart and now runs (one may hang until its own timeout)
+        ping = self._actors[worker].ping.options(concurrency_group=CONTROL).remote
+        sent = (ray_call(ping), time.monotonic())
         while time.monotonic() < deadline and not self._aborted:
-            if ray_call(ray.wait, [ping], timeout=0)[0]:
+            if ray_call(ray.wait, [sent[0]], timeout=0)[0]:
                 try:
-                    ray_call(ray.get, ping)
+                    ray_call(ray.get, sent[0])
                     return
                 except ray.exceptions.RayActorError:  # still restarting: ask again
-                    ping = ray_call(self._actors[worker].ping.remote)
+                    sent = (ray_call(ping), time.monotonic())
+            elif time.monotonic() - sent[1] > 10.0:  # a ping sent to the dying process may never be answered
+                sent = (ray_call(ping), time.monotonic())
             time.sleep(POLL_SECONDS)
 
     def _enforce_timeout(self) -> None:
@@ -456,6 +466,9 @@ class AttackerPool:
             log.warning("%s; restarting attacker worker %d", err, task.worker)
             self._deliver(task.batch, [(i, task.key, err) for i in range(len(task.batch))])
             self._settle(ref)
+            with self._cv:  # the calls queued behind it die with the actor through no fault of their own
+                for other in self._pending.values():
+                    other.queued_at_kill |= other.worker == task.worker
             ray_call(ray.kill, self._actors[task.worker], no_restart=False)
             time.sleep(1.0)  # the kill is asynchronous
             self._await_restart(task.worker)
