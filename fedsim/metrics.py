@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
-from torchmetrics.functional.image import structural_similarity_index_measure
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +45,8 @@ def match(rec: torch.Tensor, gt: torch.Tensor) -> np.ndarray:
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    from torchmetrics.functional.image import structural_similarity_index_measure  # ~1 s to import: only when scoring
+
     return structural_similarity_index_measure(a.float(), b.float(), data_range=1.0, reduction="none")
 
 

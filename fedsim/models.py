@@ -8,7 +8,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
 from .registry import lookup, register
 
@@ -80,6 +79,10 @@ class CifarResNet(nn.Module):
     """ResNet with the CIFAR stem (3x3 conv, stride 1, no max-pool), BasicBlocks, global average pooling."""
 
     def __init__(self, blocks: list[int], base_width: int, num_classes: int = 10, channels: int = 3) -> None:
+        # imported here: torchvision's models package pulls in torch._dynamo (~1 s in every process that imports
+        # fedsim, Flower's client actors included)
+        from torchvision.models.resnet import BasicBlock
+
         super().__init__()
         self.stem = nn.Sequential(
             OrderedDict(
