@@ -7,9 +7,10 @@ Every attack takes only :class:`~fedsim.contract.ObservedUpdate` records and a
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import replace
-from typing import ClassVar, Literal
+from typing import Callable, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from fedsim.training import TrainConfig, load_public_state, step_schedule
 from .analytic import first_layer_is_linear, linear_layers, recover_layer_input
 from .engine import (SEARCH_SPACES, AttackEngine, EngineResult, EngineSpec, GroupSpec, InversionProblem, OptimizerSpec,
                      VictimSimulator, check_compile)
-from .labels import model_probe, recover_labels
+from .labels import ModelEvidence, model_probe, recover_labels_named
 
 __all__ = ["Attack", "build_attack", "OptimizationAttack", "InvertingGradients", "DeepLeakage", "GradInversion",
            "AnalyticRecovery"]
@@ -47,9 +48,22 @@ def public_model(observed: ObservedUpdate) -> torch.nn.Module:
     return model
 
 
-def recover_with(method: str, observed: ObservedUpdate, cfg: TrainConfig, model: torch.nn.Module) -> np.ndarray:
-    return recover_labels(observed.update, observed.model.num_classes, observed.num_examples, method, lr=cfg.lr,
-                          steps=len(step_schedule(cfg)), probe=model_probe(model, observed.model.image_shape))
+TRAJECTORY_POINTS = 8  # models probed along a multi-step client's local trajectory (labels.model_probe)
+
+
+def recover_with(method: str, observed: ObservedUpdate, cfg: TrainConfig, model: torch.nn.Module,
+                 probe: Callable[[], ModelEvidence] | None = None) -> tuple[np.ndarray, str]:
+    """Labels by ``method`` and the name of what ran (``auto:<chosen>``). ``probe``: one shared by several methods
+    (see :func:`update_probe`)."""
+    steps = len(step_schedule(cfg))
+    return recover_labels_named(observed.update, observed.model.num_classes, observed.num_examples, method,
+                                lr=cfg.lr, steps=steps, probe=probe or update_probe(observed, cfg, model))
+
+
+def update_probe(observed: ObservedUpdate, cfg: TrainConfig, model: torch.nn.Module) -> Callable[[], ModelEvidence]:
+    """The public model's evidence for this update's label recovery, computed once however often it is asked."""
+    points = min(len(step_schedule(cfg)), TRAJECTORY_POINTS)
+    return functools.cache(model_probe(model, observed.model.image_shape, update=observed.update, points=points))
 
 
 def attacker_labels(observed: ObservedUpdate, threat: ThreatModel, cfg: TrainConfig,
@@ -58,7 +72,7 @@ def attacker_labels(observed: ObservedUpdate, threat: ThreatModel, cfg: TrainCon
         if "labels" not in observed.shared:
             raise ValueError("threat model says labels are known but the client shared none")
         return np.asarray(observed.shared["labels"], dtype=np.int64), "known"
-    return recover_with(threat.label_method, observed, cfg, model), threat.label_method
+    return recover_with(threat.label_method, observed, cfg, model)
 
 
 def label_candidates(observed: ObservedUpdate, threat: ThreatModel) -> dict[str, np.ndarray]:
@@ -66,10 +80,11 @@ def label_candidates(observed: ObservedUpdate, threat: ThreatModel) -> dict[str,
     cfg = attacker_train_config(observed, threat)
     model = public_model(observed)
     methods = ["idlg"] if observed.num_examples == 1 else []
+    probe = update_probe(observed, cfg, model)
     out = {}
     for method in methods + ["yin", "count", "llg", "ilrg"]:
         try:
-            out[method] = recover_with(method, observed, cfg, model)
+            out[method] = recover_with(method, observed, cfg, model, probe)[0]
         except ValueError:  # e.g. no classifier bias and no feature statistics
             continue
     return out
@@ -130,6 +145,12 @@ class OptimizationAttack(Attack):
         composes several)."""
         return AttackEngine(spec, device=device, seed=seed).run(problem)
 
+    def build_problem(self, observed: list[ObservedUpdate], cfg: TrainConfig, labels: list[np.ndarray], device: str,
+                      model: torch.nn.Module, seed: int) -> InversionProblem:
+        """The engine's problem for a group of updates (the client's steps replayed on one copy of the images by
+        default; ``fedavg_leakage`` simulates one copy per local epoch)."""
+        return inversion_problem(observed, cfg, labels, device, model, seed=seed)
+
     def labels_for(self, observed: ObservedUpdate, threat: ThreatModel, cfg: TrainConfig,
                    model: torch.nn.Module) -> tuple[np.ndarray, str]:
         return attacker_labels(observed, threat, cfg, model)
@@ -139,8 +160,8 @@ class OptimizationAttack(Attack):
         t0 = time.perf_counter()
         model = public_model(observed[0])
         label_sets = [self.labels_for(obs, threat, cfg, model) for obs in observed]
-        problem = inversion_problem(observed, cfg, [labels for labels, _ in label_sets], device, model, seed=seed)
-        problem.aux = self.side_information(observed, problem.simulator, threat)
+        problem = self.build_problem(observed, cfg, [labels for labels, _ in label_sets], device, model, seed)
+        problem.aux.update(self.side_information(observed, problem.simulator, threat))
         engine_spec = replace(self.engine_spec(), update_scale=update_scale(cfg))
         result = self.search(engine_spec, problem, device, seed)
         setup = time.perf_counter() - t0 - result.seconds

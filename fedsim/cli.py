@@ -222,6 +222,8 @@ def attack(
     lr: float = typer.Option(0.1, "--lr", help="Client learning rate."),
     epochs: int = typer.Option(1, "--epochs", min=1, help="FedAvg local epochs."),
     local_batch_size: Optional[int] = typer.Option(None, "--local-batch-size", help="FedAvg mini-batch size."),
+    shuffle: bool = typer.Option(False, "--shuffle", help="FedAvg: the client reshuffles its images every epoch "
+                                 "(an order the attacker does not know)."),
     labels: str = typer.Option("recovered", "--labels", help="known (the client shares its labels) or recovered "
                                "(from the update)."),
     label_method: str = typer.Option("auto", "--label-method", help="How labels are recovered: "
@@ -265,7 +267,7 @@ def attack(
             spec[k.strip()] = parse_value(v.strip())
         attack_obj = build_attack(spec)
         client = ClientConfig(mode=mode, lr=lr, epochs=epochs, batch_size=local_batch_size or batch_size,
-                              num_samples=batch_size if mode == "fedavg" else None)
+                              num_samples=batch_size if mode == "fedavg" else None, shuffle=shuffle)
         from .defenses import build_defense
 
         defenses = [build_defense(_parse_defense(d)) for d in defense]

@@ -22,13 +22,13 @@ from .loop import AttackEngine
 from .objectives import OBJECTIVES, cosine_distance
 from .optimizers import OPTIMIZERS, AdamOptimizer, BatchedLBFGS, OptimizerSpec
 from .problem import InversionProblem, JointProblem
-from .regularizers import CONSENSUS, REGULARIZERS, CandidateContext, bn_fidelity, lazy_consensus, registered_consensus, total_variation
+from .regularizers import CONSENSUS, REGULARIZERS, CandidateContext, bn_fidelity, epoch_invariant, lazy_consensus, registered_consensus, total_variation
 from .simulator import Tensors, VictimSimulator
 from .spaces import SEARCH_SPACES, PixelAndLabelSpace, PixelSpace, SearchSpace
 from .spec import BATCHING, EngineResult, EngineSpec, GroupSpec, check_compile, update_fit
 
 __all__ = ["AttackEngine", "OBJECTIVES", "cosine_distance", "OPTIMIZERS", "AdamOptimizer", "BatchedLBFGS",
            "OptimizerSpec", "InversionProblem", "JointProblem", "CONSENSUS", "REGULARIZERS", "CandidateContext",
-           "bn_fidelity", "lazy_consensus", "registered_consensus", "total_variation", "Tensors", "VictimSimulator",
+           "bn_fidelity", "epoch_invariant", "lazy_consensus", "registered_consensus", "total_variation", "Tensors", "VictimSimulator",
            "SEARCH_SPACES", "PixelAndLabelSpace", "PixelSpace", "SearchSpace", "BATCHING", "EngineResult",
            "EngineSpec", "GroupSpec", "check_compile", "update_fit"]

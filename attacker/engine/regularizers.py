@@ -72,6 +72,19 @@ def feature_matching(x: torch.Tensor, ctx: CandidateContext) -> torch.Tensor:
 
 
 
+@register(REGULARIZERS, "epoch_invariant")
+def epoch_invariant(x: torch.Tensor, ctx: CandidateContext) -> torch.Tensor:
+    """Dimitrov et al.'s epoch-order-invariant prior: the client saw the same images in every local epoch, only in
+    another order, so an order-invariant summary of each epoch's copies must agree across epochs. The summary here
+    is the mean image of each group of copies (``aux["copy_means"]`` [E, G, N]: row (e, g) averages epoch e's
+    copies in group g, a label or, when the order is known, a position); the penalty is the mean squared distance
+    of every epoch's group means to their mean over epochs, averaged over the groups present."""
+    weights = ctx.aux["copy_means"]
+    means = torch.einsum("egn,nd->egd", weights, x.flatten(1))  # [E, G, pixels]
+    spread = (means - means.mean(0, keepdim=True)).pow(2).mean(-1).mean(0)  # [G]
+    present = (weights[0].sum(-1) > 0).to(x.dtype)
+    return (spread * present).sum() / present.sum().clamp_min(1)
+
 
 def lazy_consensus(x: torch.Tensor) -> torch.Tensor:
     """[P, R, B, C, H, W] -> the restart mean, for every restart."""
