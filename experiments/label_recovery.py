@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import tempfile
 import time
@@ -106,13 +107,7 @@ def trials(victim: Victim, data, model, batch: int, count: int, cfg: TrainConfig
         update = client_update(model, data, ids, run_cfg, rng)
         steps = len(step_schedule(run_cfg))
         points = min(steps, TRAJECTORY_POINTS) if trajectory else 1
-        probe_fn = model_probe(model, data.shape, update=update, points=points)
-        cache = {}
-
-        def probe():
-            if "ev" not in cache:
-                cache["ev"] = probe_fn()
-            return cache["ev"]
+        probe = functools.cache(model_probe(model, data.shape, update=update, points=points))
 
         for method in METHODS:
             if method == "idlg" and batch != 1:
