@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import tempfile
 import threading
 
@@ -146,6 +147,7 @@ def run_federation(cfg: RunConfig, *, ray_address: str | None = None, mode: str 
     init_args = _ray_settings(cfg, address)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     session = None
+    previous_handler = _silence_flower_on_interrupt()
     try:
         if not ray.is_initialized():
             ray.init(**{k: v for k, v in init_args.items() if v is not None})
@@ -172,7 +174,26 @@ def run_federation(cfg: RunConfig, *, ray_address: str | None = None, mode: str 
             session.auditor.abort()  # before Ray shuts down: nothing may touch Ray (or start a new one) after it
         raise RunInterrupted(store.root) from None
     finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
         store.close()
         if ray.is_initialized() and not address:
             ray.shutdown()
     return store
+
+
+def _silence_flower_on_interrupt():
+    """A terminal's Ctrl-C reaches the whole process group, so Flower's client actors die with it and Flower's worker
+    threads log each lost message with a traceback while the run is being stopped. The run stops with one line of
+    its own: Flower's logger goes quiet the moment the interrupt arrives, before the KeyboardInterrupt unwinds.
+    Returns the handler to restore (None outside the main thread, where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_interrupt(signum, frame):
+        logging.getLogger("flwr").setLevel(logging.CRITICAL + 1)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    return previous

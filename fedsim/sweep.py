@@ -236,7 +236,9 @@ def _write_state(point: Point, state: dict) -> None:
     os.replace(tmp, point.directory / "point.json")
 
 
-def _alive(pid: int | None) -> bool:
+def process_alive(pid: int | None) -> bool:
+    """Whether process ``pid`` still runs. A killed process nobody has reaped yet (a zombie: in a container whose
+    init does not reap, a killed sweep's point stays one) has stopped running, though signal 0 still reaches it."""
     if not pid:
         return False
     try:
@@ -245,7 +247,10 @@ def _alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return "(zombie)" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # no procfs (macOS): signal 0 is all there is
+        return True
 
 
 def point_status(point: Point) -> dict:
@@ -254,7 +259,7 @@ def point_status(point: Point) -> dict:
     state = read_state(point)
     attempts = state.get("attempts", [])
     status = state.get("status", "not started")
-    if status == "running" and not _alive(attempts[-1].get("pid") if attempts else None):
+    if status == "running" and not process_alive(attempts[-1].get("pid") if attempts else None):
         status = "cut off"
     last = attempts[-1] if attempts else {}
     seconds = (last["finished"] - last["started"]) if "finished" in last else (

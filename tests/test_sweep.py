@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from environment import env_path
 
-from fedsim.sweep import load_sweep, toml_value
+from fedsim.sweep import load_sweep, process_alive, toml_value
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,13 +49,6 @@ def states(root: Path) -> dict[str, dict]:
         except json.JSONDecodeError:  # being replaced right now
             pass
     return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        return "(zombie)" not in Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
 
 
 def test_toml_values_read_back_as_written():
@@ -111,7 +104,7 @@ def test_a_killed_sweep_continues_without_rerunning_finished_points(tmp_path, da
     for name in cut:  # the point's own process died with the sweep (it would write beside the continued sweep)
         pid = before[name]["attempts"][-1]["pid"]
         deadline = time.time() + 30
-        while alive(pid):
+        while process_alive(pid):
             assert time.time() < deadline, f"point process {pid} outlived the killed sweep"
             time.sleep(0.2)
     shown = subprocess.run([*cmd, "--status"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
