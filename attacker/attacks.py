@@ -14,7 +14,7 @@ from typing import Callable, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from fedsim.contract import Attack, ObservedUpdate, Reconstruction, ThreatModel, build_attack
 from fedsim.data import denormalize
@@ -26,6 +26,7 @@ from .analytic import first_layer_is_linear, linear_layers, recover_layer_input
 from .engine import (SEARCH_SPACES, AttackEngine, EngineResult, EngineSpec, GroupSpec, InversionProblem, OptimizerSpec,
                      VictimSimulator, check_compile)
 from .labels import ModelEvidence, model_probe, recover_labels_named
+from .tuning import Range, SurrogateTemplate, Tuned, TuneSpec, public_images, search_space, tune, write_tuning
 
 __all__ = ["Attack", "build_attack", "OptimizationAttack", "InvertingGradients", "DeepLeakage", "GradInversion",
            "AnalyticRecovery"]
@@ -109,6 +110,59 @@ class OptimizationAttack(Attack):
     trace_every: int = Field(default=100, ge=0)
     batching: Literal["auto", "stacked", "vmap", "loop"] = "auto"
     compile: bool = False
+    tune: TuneSpec | None = None  # search the settings on surrogate updates of threat.public_data (attacker.tuning)
+
+    _tuned: dict[str, Tuned] = PrivateAttr(default_factory=dict)  # (architecture, recipe) key -> tuned settings
+
+    @classmethod
+    def tune_space(cls) -> dict:
+        """The settings ``tune`` searches when its ``space`` is empty."""
+        return {"lr": Range(low=1e-3, high=1.0)}
+
+    @model_validator(mode="after")
+    def _tunable(self):
+        if self.tune is not None:
+            if self.state_scope != "none":
+                raise ValueError(f"tune: {self.name} learns across rounds; only stateless attacks tune")
+            search_space(self, self.tune)
+        return self
+
+    @property
+    def kept_scope(self):
+        return "global" if self.tune is not None else self.state_scope  # one worker tunes each recipe once
+
+    def with_settings(self, settings: dict) -> "OptimizationAttack":
+        """This attack with ``settings`` replacing its own (validated) and no tuning."""
+        return type(self)(**{**self.model_dump(exclude={"tune"}), **settings})
+
+    def check_threat(self, threat: ThreatModel) -> None:
+        if self.tune is not None:
+            if not threat.public_data:
+                raise ValueError("tune needs threat.public_data: the attacker's own images to compute surrogate "
+                                 "updates from (e.g. cifar10:test)")
+            try:
+                public_images(threat.public_data)
+            except Exception as err:  # noqa: BLE001 - any load failure is one line naming the key
+                raise ValueError(str(err) if "threat.public_data" in str(err)
+                                 else f"threat.public_data={threat.public_data!r}: {err}") from None
+
+    def state_dict(self) -> dict:
+        return {"tuned": {k: t.to_state() for k, t in self._tuned.items()}} if self.tune is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.tune is None:
+            return super().load_state_dict(state)
+        self._tuned = {k: Tuned.from_state(v) for k, v in state.get("tuned", {}).items()}
+
+    def end_round(self, server_round, *, device="cpu", seed=0, folder=None):
+        if self.tune is not None and folder is not None and self._tuned:
+            write_tuning(folder, self._tuned)
+
+    def tuned_settings(self, template: SurrogateTemplate, threat: ThreatModel, device: str, seed: int) -> Tuned:
+        """The settings for this (architecture, recipe), searched the first time it is seen."""
+        if template.key not in self._tuned:
+            self._tuned[template.key] = tune(self, template, threat, device=device, seed=seed)
+        return self._tuned[template.key]
 
     @field_validator("compile")
     @classmethod
@@ -121,6 +175,8 @@ class OptimizationAttack(Attack):
         raise NotImplementedError
 
     def reconstruct_many(self, observed, threat, *, device="cpu", seed=0):
+        if self.tune is not None:
+            return self._reconstruct_tuned(observed, threat, device, seed)
         groups: dict[tuple, list[int]] = {}
         for i, obs in enumerate(observed):
             cfg = attacker_train_config(obs, threat)
@@ -134,6 +190,24 @@ class OptimizationAttack(Attack):
                 for i, rec in zip(part, self._run([observed[i] for i in part], threat, cfg, device, seed)):
                     results[i] = rec
         return with_label_candidates(observed, threat, results)  # type: ignore[arg-type]
+
+    def _reconstruct_tuned(self, observed, threat, device, seed):
+        """Each (architecture, recipe) group with its tuned settings; rows carry the settings used."""
+        templates = [SurrogateTemplate.of(obs) for obs in observed]
+        groups: dict[str, list[int]] = {}
+        for i, template in enumerate(templates):
+            groups.setdefault(template.key, []).append(i)
+        results: list[Reconstruction | None] = [None] * len(observed)
+        for key, members in groups.items():
+            tuned = self.tuned_settings(templates[members[0]], threat, device, seed)
+            settings = {k: v for k, v in tuned.params.items()}
+            recs = self.with_settings(settings).reconstruct_many([observed[i] for i in members], threat,
+                                                                 device=device, seed=seed)
+            for i, rec in zip(members, recs):
+                rec.columns.update(tuned.columns())
+                rec.extra["tuned"] = dict(settings)
+                results[i] = rec
+        return results
 
     def side_information(self, observed: list[ObservedUpdate], simulator: VictimSimulator,
                          threat: ThreatModel) -> dict[str, torch.Tensor]:
@@ -223,6 +297,10 @@ class InvertingGradients(OptimizationAttack):
     objective: str = "cosine"
     init: str = "randn"
 
+    @classmethod
+    def tune_space(cls) -> dict:
+        return {"lr": Range(low=1e-3, high=1.0), "tv": Range(low=1e-6, high=0.3)}
+
     def engine_spec(self) -> EngineSpec:
         regs = (("tv", self.tv),) + ((("features", self.features),) if self.features else ())
         return EngineSpec(objective=self.objective, regularizers=regs,
@@ -290,6 +368,7 @@ class GradInversion(OptimizationAttack):
     signed: bool = False
 
     def check_threat(self, threat):
+        super().check_threat(threat)
         check_bn_source(self.bn, self.bn_source, threat)
 
     def engine_spec(self) -> EngineSpec:

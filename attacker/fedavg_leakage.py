@@ -32,6 +32,7 @@ from fedsim.training import TrainConfig, step_schedule
 
 from .attacks import InvertingGradients, inversion_problem
 from .engine import EngineResult, EngineSpec, InversionProblem, VictimSimulator
+from .tuning import Range
 
 
 @dataclass
@@ -121,6 +122,10 @@ class FedAvgLeakage(InvertingGradients):
     epoch_prior: float = Field(default=0.1, ge=0)
     # "auto": the order is known when the client does not shuffle (the server sent shuffle = false)
     order: Literal["auto", "unknown"] = "auto"
+
+    @classmethod
+    def tune_space(cls) -> dict:
+        return {**super().tune_space(), "epoch_prior": Range(low=1e-3, high=3.0)}
 
     def engine_spec(self) -> EngineSpec:
         spec = super().engine_spec()

@@ -243,6 +243,7 @@ class GenerativeAttack(OptimizationAttack):
         self.prior_generator(model.image_shape)  # the prior must make the victim's images
 
     def check_threat(self, threat) -> None:
+        super().check_threat(threat)
         check_bn_source(self.bn, self.bn_source, threat)
 
     def regularizers(self) -> tuple[tuple[str, float], ...]:

@@ -228,6 +228,9 @@ def attack(
                                "(from the update)."),
     label_method: str = typer.Option("auto", "--label-method", help="How labels are recovered: "
                                      f"{', '.join(_registered('LABEL_METHODS'))}."),
+    public_data: Optional[str] = typer.Option(None, "--public-data", help="The attacker's own images (cifar10:test "
+                                              "or a path; not the attacked set) for a self-tuning attack "
+                                              "(--param 'tune={trials=8}')."),
     seed: int = typer.Option(0, "--seed", help="Run seed: the victim's initialisation, the client's draws and, on its "
                              "own branch, the attacker's."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps."),
@@ -271,7 +274,10 @@ def attack(
         from .defenses import build_defense
 
         defenses = [build_defense(_parse_defense(d)) for d in defense]
-        threat = build_threat(defenses, labels=labels, label_method=label_method)
+        if public_data and public_data in (dataset, f"{dataset}:{split}", str(data_path)):
+            raise ValueError(f"--public-data {public_data} is the attacked data set; the attacker's public data must "
+                             "be another")
+        threat = build_threat(defenses, labels=labels, label_method=label_method, public_data=public_data)
         data = load_dataset(dataset, split, path=data_path, annotations=annotations, attribute=attribute,
                             image_size=image_size, path_key="--data-path")
         job = SingleUpdateJob(data=data, model_name=model, indices=parse_indices(indices), batch_size=batch_size,

@@ -33,11 +33,13 @@ def registered(registry: Callable[[], dict], kind: str) -> AfterValidator:
 
 
 def build_threat(defenses: list[Defense], *, labels: str = "recovered", label_method: str = "auto",
-                 hyperparameters_known: bool = True, secure_aggregation: bool = False) -> ThreatModel:
+                 hyperparameters_known: bool = True, secure_aggregation: bool = False,
+                 public_data: str | None = None) -> ThreatModel:
     """The threat model of a run: what clients share follows from their defense pipeline (the one place this is
     derived for `fedsim run`, `fedsim attack` and `fedsim experiment`)."""
     return ThreatModel(labels=labels, label_method=label_method, bn_stats_shared="bn_stats" in shared_by(defenses),
-                       hyperparameters_known=hyperparameters_known, secure_aggregation=secure_aggregation)
+                       hyperparameters_known=hyperparameters_known, secure_aggregation=secure_aggregation,
+                       public_data=public_data)
 
 
 def _device_name(device: str) -> str:
@@ -45,6 +47,16 @@ def _device_name(device: str) -> str:
         return check_device_name(device, "device")
     except ValueError as err:
         raise ValueError(str(err).removeprefix("device: ")) from None
+
+
+def clients_data(public: str, data: "DataConfig") -> bool:
+    """Whether ``public`` (threat.public_data) names the set the clients train on (their split is ``train``)."""
+    name, _, split = public.partition(":")
+    if split:
+        return name == data.dataset and split == "train" and not data.path
+    same = {data.dataset, data.path} - {None}
+    return any(Path(public).expanduser().resolve() == Path(p).expanduser().resolve() for p in same
+               if Path(p).expanduser().exists()) or (public == data.dataset and not data.path)
 
 
 class ConfigError(ValueError):
@@ -120,6 +132,9 @@ class ThreatConfig(Section):
     bn_stats_shared: bool | None = None  # derived from the defense pipeline (share_bn_stats) when unset
     hyperparameters_known: bool = True
     secure_aggregation: bool = False
+    # the attacker's own auxiliary images ("cifar10:test" or a path), never the clients': a self-tuning attack's
+    # surrogate updates are computed from them (attacks.<i>.tune)
+    public_data: str | None = None
 
 
 class AttackSettings(Section):
@@ -202,6 +217,9 @@ class RunConfig(Section):
                              "threat.hyperparameters_known=true replays it step by step; set "
                              "threat.hyperparameters_known=false (attack the update as one gradient) or "
                              "client.shuffle=false")
+        if self.threat.public_data and clients_data(self.threat.public_data, self.data):
+            raise ValueError(f"threat.public_data={self.threat.public_data!r} is the clients' own data set; the "
+                             f"attacker's public data must be another (e.g. {self.data.dataset}:test)")
         if cfg.mode == "fedsgd" and cfg.num_samples not in (None, cfg.batch_size):
             raise ValueError("client.num_samples must equal client.batch_size in fedsgd mode")
         self._resolve_privacy()
@@ -233,7 +251,8 @@ class RunConfig(Section):
     def threat_model(self) -> ThreatModel:
         t = self.threat
         return build_threat(self.build_defenses(), labels=t.labels, label_method=t.label_method,
-                            hyperparameters_known=t.hyperparameters_known, secure_aggregation=t.secure_aggregation)
+                            hyperparameters_known=t.hyperparameters_known, secure_aggregation=t.secure_aggregation,
+                            public_data=t.public_data)
 
     def build_defenses(self):
         return [build_defense(spec) for spec in self.defenses]

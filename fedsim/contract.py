@@ -46,6 +46,8 @@ class ThreatModel:
     hyperparameters_known: the attacker simulates the client's exact local steps (lr, epochs, batch size);
         otherwise it treats the update as a single gradient of all ``num-examples`` samples.
     secure_aggregation: the server sees only the sum of the round's updates, attacked as one update.
+    public_data: the attacker's own auxiliary images (``cifar10:test`` or a path), never the clients': what a
+        self-tuning attack computes its surrogate updates from (None: the attacker holds no data).
     """
 
     labels: Literal["known", "recovered"] = "recovered"
@@ -53,6 +55,7 @@ class ThreatModel:
     bn_stats_shared: bool = False
     hyperparameters_known: bool = True
     secure_aggregation: bool = False
+    public_data: str | None = None
 
     def visible(self, shared: dict) -> dict:
         """The part of a client's shared extras this threat model lets the server use."""
@@ -210,6 +213,12 @@ class Attack(Registered):
 
     registry: ClassVar[dict[str, type]] = ATTACKS
     state_scope: ClassVar[StateScope] = "none"
+
+    @property
+    def kept_scope(self) -> StateScope:
+        """The state this instance keeps: the class's ``state_scope``, unless its settings make it keep some (a
+        self-tuning attack keeps its tuned settings: ``"global"``)."""
+        return self.state_scope
 
     def reconstruct_many(self, observed: list[ObservedUpdate], threat: ThreatModel, *, device: str = "cpu",
                          seed: int = 0) -> list[Reconstruction]:

@@ -245,6 +245,15 @@ def _cifar_from_folder(name: str, folder: Path, split: str) -> ImageData | None:
     return None
 
 
+def load_public_data(spec: str) -> ImageData:
+    """The attacker's own auxiliary images (``threat.public_data``): a named set and split (``cifar10:test``) or a
+    path to an ``.npz`` or an image folder. Never the clients' data (the run config refuses the clients' own set)."""
+    name, _, split = spec.partition(":")
+    if split and name in _TV_FOLDER:
+        return load_dataset(name, split, path_key="threat.public_data")
+    return load_dataset(spec, path_key="threat.public_data")
+
+
 def load_dataset(
     dataset: str,
     split: str = "train",

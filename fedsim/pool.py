@@ -77,7 +77,8 @@ def owner(attack: Attack | type[Attack], attack_index: int, client_id: int, work
     """The worker that runs ``attack`` on an update of ``client_id`` (see the module docstring). A stateless attack
     keeps a round's updates together (one batched inversion) when there are at least as many attacks as workers,
     else it spreads them by client."""
-    if attack.state_scope == "global" or (attack.state_scope == "none" and attacks >= workers):
+    scope = attack.state_scope if isinstance(attack, type) else attack.kept_scope
+    if scope == "global" or (scope == "none" and attacks >= workers):
         return attack_index % workers
     return client_id % workers
 
@@ -113,10 +114,10 @@ class AttackWorker:
 
     def _state_folder(self, index: int) -> Path | None:
         attack = self.attacks[index]
-        if self.state_dir is None or attack.state_scope == "none":
+        if self.state_dir is None or attack.kept_scope == "none":
             return None
         folder = self.state_dir / self.keys[index]
-        return folder / f"worker_{self.worker_index}" if attack.state_scope == "client" else folder
+        return folder / f"worker_{self.worker_index}" if attack.kept_scope == "client" else folder
 
     def run(self, observed: list[ObservedUpdate], attack_index: int) -> list[tuple[int, str, Outcome]]:
         """(index into ``observed``, attack key, reconstruction or the exception it raised); ``observed`` all
@@ -130,7 +131,7 @@ class AttackWorker:
         except Exception as err:  # noqa: BLE001 - a failing attack becomes error rows, the others still run
             out = [(i, self.keys[attack_index], err) for i in range(len(observed))]
         # A round the restored state has already learnt from (a resumed backlog) is attacked, not learnt again.
-        if (self.learn and attack.state_scope != "none"
+        if (self.learn and attack.kept_scope != "none"
                 and server_round > self.restored.get(self.keys[attack_index], -1)):
             folder = self._state_folder(attack_index)
             if folder is not None:
