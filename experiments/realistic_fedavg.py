@@ -110,23 +110,36 @@ def table(frame: pd.DataFrame, index: list[str]) -> str:
              "|" + "---|" * (len(index) + len(methods))]
     for key, group in frame.groupby(index, sort=True):
         key = key if isinstance(key, tuple) else (key,)
-        by = {m: g.iloc[0] for m, g in group.groupby("method")}
+        by = {m: g[["recovered", "partial", "psnr_mean", "label_accuracy"]].mean() for m, g in group.groupby("method")}
         cells = [f"{by[m].recovered:.2f} / {by[m].partial:.2f} / {by[m].psnr_mean:.1f} / {by[m].label_accuracy:.2f}" if m in by else "-"
                  for m in methods]
         lines.append("| " + " | ".join([str(k) for k in key] + cells) + " |")
     return "\n".join(lines)
 
 
+def summary(grid: pd.DataFrame) -> str:
+    """Per victim and method, over the grid's settings: means, and in how many settings it beat replay-IG."""
+    base = grid[grid.method == "replay-IG"].set_index(["victim", "epochs", "local_batch", "images"]).psnr_mean
+    lines = ["| victim | method | settings | recovered | partial | mean PSNR | best image PSNR | label acc | "
+             "PSNR gain over replay-IG | settings it beats replay-IG |", "|" + "---|" * 10]
+    for (victim, method), g in grid.groupby(["victim", "method"], sort=False):
+        gain = g.set_index(["victim", "epochs", "local_batch", "images"]).psnr_mean - base
+        lines.append(f"| {victim} | {method} | {len(g)} | {g.recovered.mean():.3f} | {g.partial.mean():.3f} | "
+                     f"{g.psnr_mean.mean():.2f} | {g.psnr_max.max():.2f} | {g.label_accuracy.mean():.2f} | "
+                     f"{gain.mean():+.2f} | {int((gain > 0).sum())} |")
+    return "\n".join(lines)
+
+
 def write_tables(frame: pd.DataFrame, path: Path = HERE / "realistic_fedavg.md") -> None:
     start, end = "<!-- tables:start -->", "<!-- tables:end -->"
     grid, head = frame[frame.setting == "grid"], frame[frame.setting == "headline"]
-    parts = [f"### The grid ({ITERATIONS} iterations per attack; recovered = fraction of the client's images at "
+    parts = ["### Summary over the grid", "", summary(grid), "", f"### The grid ({ITERATIONS} iterations per attack; recovered = fraction of the client's images at "
              f"PSNR >= {THRESHOLD:g} dB after matching, partial: at >= {PARTIAL:g} dB, mean PSNR in dB, label accuracy)", ""]
     for name, rows in grid.groupby("victim", sort=False):
         parts += [f"**LeNet (Zhu), {name}**", "", table(rows, ["epochs", "local_batch", "images"]), ""]
     if len(head):
-        parts += [f"### Headline analogue: 10 epochs x 4 batches of 4 images ({HEADLINE_ITERATIONS} iterations)", "",
-                  table(head, ["victim", "epochs", "local_batch", "images"]), ""]
+        parts += ["### Headline analogue: 10 epochs x 4 batches of 4 images (means over the clients, seeds)", "",
+                  table(head, ["victim", "iterations", "epochs", "local_batch", "images"]), ""]
     text = path.read_text()
     before, rest = text.split(start)
     path.write_text(before + start + "\n" + "\n".join(parts) + end + rest.split(end)[1])
@@ -136,6 +149,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--victim", choices=["untrained", "trained"])
     parser.add_argument("--headline", action="store_true")
+    parser.add_argument("--headline-iterations", type=int, default=HEADLINE_ITERATIONS)
+    parser.add_argument("--seeds", type=int, default=1, help="headline: clients (one per seed)")
+    parser.add_argument("--untrained-only", action="store_true", help="headline: the untrained victim only")
     parser.add_argument("--tables", action="store_true")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
@@ -162,10 +178,13 @@ def main() -> None:
                     pd.DataFrame(rows).to_parquet(HERE / f"realistic_fedavg.part-{args.victim}.parquet")
     if args.headline:
         rows = []
-        for trained in (False, True):
-            rows += run_setting(clients, victim(trained), trained, 10, 4, 16, HEADLINE_ITERATIONS,
-                                {m: METHODS[m] for m in ("replay-IG", "fedavg_leakage")}, setting="headline")
-            pd.DataFrame(rows).to_parquet(HERE / "realistic_fedavg.part-headline.parquet")
+        for trained in (False,) if args.untrained_only else (False, True):
+            for seed in range(args.seeds):
+                rows += run_setting(clients, victim(trained), trained, 10, 4, 16, args.headline_iterations,
+                                    {m: METHODS[m] for m in ("replay-IG", "fedavg_leakage")}, seed=seed,
+                                    setting="headline")
+                pd.DataFrame(rows).to_parquet(
+                    HERE / f"realistic_fedavg.part-headline-{args.headline_iterations}.parquet")
 
 
 if __name__ == "__main__":
