@@ -200,7 +200,7 @@ class OptimizationAttack(Attack):
         results: list[Reconstruction | None] = [None] * len(observed)
         for key, members in groups.items():
             tuned = self.tuned_settings(templates[members[0]], threat, device, seed)
-            settings = {k: v for k, v in tuned.params.items()}
+            settings = dict(tuned.params)
             recs = self.with_settings(settings).reconstruct_many([observed[i] for i in members], threat,
                                                                  device=device, seed=seed)
             for i, rec in zip(members, recs):

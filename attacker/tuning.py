@@ -32,11 +32,12 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fedsim.client import client_round
-from fedsim.contract import ObservedUpdate, ReplyView, ServerView, ThreatModel
+from fedsim.client import observed_round
+from fedsim.contract import ObservedUpdate, ServerView, ThreatModel
 from fedsim.data import ImageData, load_public_data
 from fedsim.metrics import score
 from fedsim.models import build_from_spec
+from fedsim.training import TrainConfig
 
 if TYPE_CHECKING:
     from .attacks import OptimizationAttack
@@ -138,8 +139,6 @@ def surrogates(template: SurrogateTemplate, threat: ThreatModel, public: ImageDa
                seed: int) -> list[Surrogate]:
     """``count`` updates of public batches, computed as a client would (the platform's client round, no defenses)
     and observed as the server would (the one observation function)."""
-    from fedsim.training import TrainConfig
-
     cfg = TrainConfig.from_record(template.train_config)
     if len(public) < template.num_examples:
         raise ValueError(f"threat.public_data has {len(public)} images, fewer than a client's "
@@ -155,13 +154,8 @@ def surrogates(template: SurrogateTemplate, threat: ThreatModel, public: ImageDa
     out = []
     for i in range(count):
         ids = np.sort(rng.choice(len(data), size=template.num_examples, replace=False))
-        client = SURROGATE_CLIENT + i
-        reply = client_round(model, global_state, data, ids, cfg, [], threat, seed=seed, server_round=template.round,
-                             client_id=client)
-        arrays = {k: v.numpy() for k, v in reply.state.items()}
-        observed = view.observe(template.round, template.global_state, template.train_config,
-                                ReplyView(client_id=client, arrays=arrays, num_examples=reply.num_examples,
-                                          shared=reply.shared))
+        observed, _ = observed_round(view, model, global_state, data, ids, cfg, seed=seed,
+                                     server_round=template.round, client_id=SURROGATE_CLIENT + i)
         out.append(Surrogate(observed, data.unit_tensor(ids), np.asarray(data.labels[ids])))
     return out
 

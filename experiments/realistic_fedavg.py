@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedsim.client import client_round
-from fedsim.contract import ModelSpec, ReplyView, ServerView, ThreatModel, build_attack
+from fedsim.client import observed_round
+from fedsim.contract import ModelSpec, ServerView, ThreatModel, build_attack
 from fedsim.data import load_dataset
 from fedsim.metrics import score
 from fedsim.models import build_model
@@ -67,13 +67,9 @@ def victim(trained: bool) -> dict[str, torch.Tensor]:
 
 def client_update(clients, global_state, ids, cfg: TrainConfig, seed: int):
     """The client's round by the platform's client code, as the server observes it."""
-    spec = ModelSpec("lenet_zhu", 10, (3, 32, 32))
-    model = build_model("lenet_zhu", 10, seed=0)
-    reply = client_round(model, global_state, clients, ids, cfg, [], THREAT, seed=seed, server_round=1, client_id=0)
-    view = ServerView(spec, (clients.mean, clients.std), THREAT)
-    return view.observe(1, {k: v.numpy() for k, v in global_state.items()}, cfg.to_record(),
-                        ReplyView(0, {k: v.numpy() for k, v in reply.state.items()}, reply.num_examples,
-                                  reply.shared))
+    view = ServerView(ModelSpec("lenet_zhu", 10, (3, 32, 32)), (clients.mean, clients.std), THREAT)
+    return observed_round(view, build_model("lenet_zhu", 10, seed=0), global_state, clients, ids, cfg, seed=seed,
+                          server_round=1, client_id=0)[0]
 
 
 def run_setting(clients, global_state, trained: bool, epochs: int, batch: int, images: int, iterations: int,

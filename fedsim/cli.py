@@ -274,7 +274,9 @@ def attack(
         from .defenses import build_defense
 
         defenses = [build_defense(_parse_defense(d)) for d in defense]
-        if public_data and public_data in (dataset, f"{dataset}:{split}", str(data_path)):
+        from .data import is_same_data
+
+        if public_data and is_same_data(public_data, dataset, split, data_path):
             raise ValueError(f"--public-data {public_data} is the attacked data set; the attacker's public data must "
                              "be another")
         threat = build_threat(defenses, labels=labels, label_method=label_method, public_data=public_data)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .contract import AuditRecord, ThreatModel
+from .contract import AuditRecord, ObservedUpdate, ReplyView, ServerView, ThreatModel
 from .data import ImageData
 from .defenses import Defense, DefenseContext, apply_pipeline
 from .seeds import round_seed
@@ -70,4 +70,18 @@ def client_round(model: nn.Module, global_state: dict[str, torch.Tensor], data: 
                        local_state={k: result.state[k].clone() for k in local_keys})
 
 
-__all__ = ["ClientReply", "choose_samples", "client_round", "round_seed", "float_state"]
+def observed_round(view: ServerView, model: nn.Module, global_state: dict[str, torch.Tensor], data: ImageData,
+                   sample_ids: np.ndarray, cfg: TrainConfig, *, seed: int, server_round: int,
+                   client_id: int) -> tuple[ObservedUpdate, ClientReply]:
+    """A client's round (no defenses) and what the server observes of it, without the Flower records in between:
+    the attacker's own surrogate clients and the experiments' hand-made clients (the federation and ``fedsim attack``
+    go through the records and the auditor)."""
+    reply = client_round(model, global_state, data, sample_ids, cfg, [], view.threat, seed=seed,
+                         server_round=server_round, client_id=client_id)
+    observed = view.observe(server_round, {k: v.numpy() for k, v in global_state.items()}, cfg.to_record(),
+                            ReplyView(client_id, {k: v.numpy() for k, v in reply.state.items()}, reply.num_examples,
+                                      reply.shared))
+    return observed, reply
+
+
+__all__ = ["ClientReply", "choose_samples", "client_round", "observed_round", "round_seed", "float_state"]

@@ -16,6 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from .checks import check_device_name
 from .contract import LABEL_METHODS, ThreatModel, build_attack
+from .data import is_same_data
 from .defenses import Defense, build_defense, shared_by
 from .models import MODELS
 from .registry import SpecError, lookup, validation_problems
@@ -47,16 +48,6 @@ def _device_name(device: str) -> str:
         return check_device_name(device, "device")
     except ValueError as err:
         raise ValueError(str(err).removeprefix("device: ")) from None
-
-
-def clients_data(public: str, data: "DataConfig") -> bool:
-    """Whether ``public`` (threat.public_data) names the set the clients train on (their split is ``train``)."""
-    name, _, split = public.partition(":")
-    if split:
-        return name == data.dataset and split == "train" and not data.path
-    same = {data.dataset, data.path} - {None}
-    return any(Path(public).expanduser().resolve() == Path(p).expanduser().resolve() for p in same
-               if Path(p).expanduser().exists()) or (public == data.dataset and not data.path)
 
 
 class ConfigError(ValueError):
@@ -217,7 +208,7 @@ class RunConfig(Section):
                              "threat.hyperparameters_known=true replays it step by step; set "
                              "threat.hyperparameters_known=false (attack the update as one gradient) or "
                              "client.shuffle=false")
-        if self.threat.public_data and clients_data(self.threat.public_data, self.data):
+        if self.threat.public_data and is_same_data(self.threat.public_data, self.data.dataset, "train", self.data.path):
             raise ValueError(f"threat.public_data={self.threat.public_data!r} is the clients' own data set; the "
                              f"attacker's public data must be another (e.g. {self.data.dataset}:test)")
         if cfg.mode == "fedsgd" and cfg.num_samples not in (None, cfg.batch_size):

@@ -254,6 +254,18 @@ def load_public_data(spec: str) -> ImageData:
     return load_dataset(spec, path_key="threat.public_data")
 
 
+def is_same_data(public: str, dataset: str, split: str = "train", path: str | Path | None = None) -> bool:
+    """Whether ``public`` (a ``threat.public_data`` spec) names the data set ``dataset`` / ``split`` / ``path``: the
+    same named set and split (a bare name is its training split, as :func:`load_public_data` reads it) or the same
+    file or folder."""
+    name, _, public_split = public.partition(":")
+    if name == dataset and not path:
+        return (public_split or "train") == split
+    target = Path(public).expanduser()
+    return target.exists() and any(Path(p).expanduser().exists() and target.resolve() == Path(p).expanduser().resolve()
+                                   for p in (dataset, path) if p)
+
+
 def load_dataset(
     dataset: str,
     split: str = "train",

@@ -10,9 +10,9 @@ from test_federation import assert_no_ground_truth, small_config
 
 from attacker.attacks import InvertingGradients
 from attacker.tuning import SurrogateTemplate, surrogates, tune
-from fedsim.client import client_round
+from fedsim.client import observed_round
 from fedsim.config import ConfigError
-from fedsim.contract import ModelSpec, ReplyView, ServerView, ThreatModel, build_attack
+from fedsim.contract import ModelSpec, ServerView, ThreatModel, build_attack
 from fedsim.models import build_model
 from fedsim.training import TrainConfig, float_state
 
@@ -30,16 +30,11 @@ class TuningSpy(InvertingGradients):
 
 
 def client_observed(data, ids, cfg: TrainConfig, threat: ThreatModel):
-    """A real client's round on ``data[ids]`` through the platform's client code, as the server observes it."""
-    spec = ModelSpec("lenet_zhu", 10, (3, 32, 32))
+    """A real client's round on ``data[ids]`` (the platform's client code), as the server observes it."""
+    view = ServerView(ModelSpec("lenet_zhu", 10, (3, 32, 32)), (data.mean, data.std), threat)
     model = build_model("lenet_zhu", 10, seed=0)
-    global_state = float_state(model)
-    reply = client_round(model, global_state, data, np.asarray(ids), cfg, [], threat, seed=3, server_round=1,
-                         client_id=0)
-    view = ServerView(spec, (data.mean, data.std), threat)
-    arrays = {k: v.numpy() for k, v in reply.state.items()}
-    observed = view.observe(1, {k: v.numpy() for k, v in global_state.items()}, cfg.to_record(),
-                            ReplyView(0, arrays, reply.num_examples, reply.shared))
+    observed, reply = observed_round(view, model, float_state(model), data, np.asarray(ids), cfg, seed=3,
+                                     server_round=1, client_id=0)
     return observed, reply.audit
 
 
@@ -90,9 +85,9 @@ def test_the_tuner_never_receives_client_data(cifar_test):
     from fedsim.data import load_public_data
 
     public = load_public_data("cifar10:train")
+    every = public.unit_tensor(np.arange(len(public)))
     for s in surrogates(template, threat, public, 2, seed=0):
-        found = [int(np.flatnonzero((public.unit_tensor(np.arange(len(public))) - img).flatten(1).abs().amax(1)
-                                    < 1e-6)[0]) for img in s.images]
+        found = [int(np.flatnonzero((every - img).flatten(1).abs().amax(1) < 1e-6)[0]) for img in s.images]
         assert sorted(public.labels[found].tolist()) == sorted(s.labels.tolist()) == s.observed.shared["labels"]
 
 
